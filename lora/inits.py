@@ -1,0 +1,104 @@
+"""Adapter initialisations, one named function each (selected by ``add_lora(init=...)``).
+
+Every init takes the frozen weight W (d_out x d_in), the rank r and the scale s, and returns
+``(A, B, W_res)`` with A: r x d_in, B: d_out x r and W_res the weight the base layer keeps
+(None when W is kept as it is), so that
+
+    W_res + s * B @ A  ==  W        (up to rounding)
+
+i.e. the model is unchanged at step 0. Random inits leave W alone (B = 0, W_res = W); SVD inits
+move the chosen singular components of W into the adapter. All math runs in float32 or higher
+whatever the model dtype; results come back in W's dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SVD_SPLITS = ("sqrt", "b")
+
+
+def _compute_dtype(w: torch.Tensor) -> torch.dtype:
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def kaiming(w, rank, scale, generator=None, **_):
+    """LoRA's default: A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (kaiming-uniform with a=sqrt(5), as
+    nn.Linear), B = 0, W_res = W (None)."""
+    d_out, d_in = w.shape
+    bound = 1.0 / math.sqrt(d_in)
+    a = torch.empty(rank, d_in, dtype=_compute_dtype(w), device=w.device)
+    a.uniform_(-bound, bound, generator=generator)
+    return a.to(w.dtype), torch.zeros(d_out, rank, dtype=w.dtype, device=w.device), None
+
+
+def orthogonal(w, rank, scale, generator=None, **_):
+    """A has orthonormal rows (Q of the QR of a Gaussian d_in x r matrix), B = 0, W_res = W:
+    the frozen random projection of the LoRA-FA paper, which keeps ||A x|| = ||x|| on A's span."""
+    d_out, d_in = w.shape
+    g = torch.randn(d_in, rank, dtype=_compute_dtype(w), device=w.device, generator=generator)
+    q, r = torch.linalg.qr(g)
+    q = q * torch.sign(torch.diagonal(r))  # fix the sign so the result is unique for a seed
+    return q.T.contiguous().to(w.dtype), torch.zeros(d_out, rank, dtype=w.dtype, device=w.device), None
+
+
+def _svd_components(w, rank, *, minor, solver, niter, generator):
+    """Top (or bottom, ``minor``) r singular triplets of W in float32+: U_r, S_r, V_r^T."""
+    wc = w.to(_compute_dtype(w))
+    if solver == "exact":
+        u, s, vh = torch.linalg.svd(wc, full_matrices=False)
+        idx = slice(-rank, None) if minor else slice(0, rank)
+        return u[:, idx], s[idx], vh[idx]
+    if solver == "randomized":
+        if minor:
+            raise ValueError("init='svd_minor' needs svd_solver='exact': randomized SVD only "
+                             "finds the largest singular values")
+        # svd_lowrank draws from the global RNG: fork it so the caller's stream is untouched
+        # and the result depends only on the seed.
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
+            torch.manual_seed(seed)
+            q = min(rank + 10, *wc.shape)  # a little oversampling, as Halko et al. recommend
+            u, s, v = torch.svd_lowrank(wc, q=q, niter=niter)
+        return u[:, :rank], s[:rank], v[:, :rank].T
+    raise ValueError(f"unknown svd_solver {solver!r}: use 'exact' or 'randomized'")
+
+
+def _svd_init(w, rank, scale, *, minor, generator=None, svd_solver="exact", niter=4,
+              svd_split="sqrt", **_):
+    if svd_split not in SVD_SPLITS:
+        raise ValueError(f"unknown svd_split {svd_split!r}: use one of {SVD_SPLITS}")
+    u, s, vh = _svd_components(w, rank, minor=minor, solver=svd_solver, niter=niter,
+                               generator=generator)
+    s = s / scale  # so that scale * B @ A == U S V^T
+    if svd_split == "sqrt":  # PiSSA: sqrt(S) on each side, A and B of equal norm
+        a, b = s.sqrt()[:, None] * vh, u * s.sqrt()[None, :]
+    else:  # "b": all of S in B, A = V_r^T has orthonormal rows
+        a, b = vh, u * s[None, :]
+    a, b = a.to(w.dtype).contiguous(), b.to(w.dtype).contiguous()
+    return a, b, residual(w, a, b, scale)
+
+
+def residual(w, a, b, scale):
+    """W_res = W - s B A, from the *rounded* A and B: W_res + s B A == W then holds to rounding
+    even when the SVD is approximate (randomized) or A, B are in low precision."""
+    ct = _compute_dtype(w)
+    return (w.to(ct) - scale * (b.to(ct) @ a.to(ct))).to(w.dtype)
+
+
+def svd(w, rank, scale, **kw):
+    """Principal components (PiSSA): W ~= U_r S_r V_r^T (largest r singular values).
+    svd_split='sqrt': A = sqrt(S_r/s) V_r^T, B = U_r sqrt(S_r/s); 'b': A = V_r^T, B = U_r S_r/s.
+    W_res = W - s B A holds the remaining components; by Eckart-Young
+    ||W_res||_F^2 = sum of the discarded sigma_i^2."""
+    return _svd_init(w, rank, scale, minor=False, **kw)
+
+
+def svd_minor(w, rank, scale, **kw):
+    """Minor components (MiLoRA): as ``svd`` with the r *smallest* singular triplets, so the
+    adapter starts in the directions W uses least and W_res keeps the principal part."""
+    return _svd_init(w, rank, scale, minor=True, **kw)
+
+
+INITS = {"kaiming": kaiming, "orthogonal": orthogonal, "svd": svd, "svd_minor": svd_minor}
