@@ -52,3 +52,41 @@ def token_batch():
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0  # one padded row so masking paths run too
     return {"input_ids": ids, "attention_mask": mask}
+
+
+# ==== pipeline fixtures (owner: pipeline; data/train/logs tests) ===========================
+@pytest.fixture(scope="session")
+def glue_dir():
+    """The offline GLUE folder: $GLUE_DIR, else ../shared/glue next to the repo."""
+    path = Path(os.environ.get("GLUE_DIR") or ROOT.parent / "shared" / "glue")
+    if not (path / "MRPC" / "train.tsv").is_file():
+        pytest.skip(f"no offline GLUE folder at {path}: set GLUE_DIR")
+    return path
+
+
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_path):
+    """Factory: a folder holding a tiny random BERT *base* (so any num_labels loads with a
+    fresh head) plus the real MiniLM tokenizer; ``dropout=0`` makes runs exactly comparable
+    across DDP layouts."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    made = {}
+
+    def make(dropout=0.1):
+        if dropout not in made:
+            tok = AutoTokenizer.from_pretrained(minilm_path)
+            folder = tmp_path_factory.mktemp(f"tiny-bert-d{dropout}")
+            torch.manual_seed(0)
+            cfg = BertConfig(vocab_size=tok.vocab_size, hidden_dropout_prob=dropout,
+                             attention_probs_dropout_prob=dropout, **TINY_BERT)
+            BertModel(cfg).save_pretrained(folder)
+            tok.save_pretrained(folder)
+            made[dropout] = str(folder)
+        return made[dropout]
+    return make
+# ==== end pipeline fixtures ================================================================

@@ -1,0 +1,18 @@
+"""svd-lorafa experiment pipeline: GLUE data, one accelerate train/eval loop, JSON run logs,
+grid sweeps and plot helpers. Submodules import lazily-heavy libraries only where needed."""
+from .data import GlueFormatError, TASKS, get_task, load_examples, make_collator, tokenize
+from .logs import load_curves, load_logs, read_log
+from .models import resolve_model
+from .train import RunConfig, compute_metrics, evaluate, run_experiment
+
+__all__ = ["GlueFormatError", "RunConfig", "TASKS", "compute_metrics", "evaluate", "get_task",
+           "grid", "load_curves", "load_examples", "load_logs", "make_collator", "read_log",
+           "resolve_model", "run_experiment", "run_sweep", "tokenize"]
+
+
+def __getattr__(name):
+    # sweep is imported lazily so `python -m pipeline.sweep` does not import it twice
+    if name in ("grid", "run_sweep"):
+        from . import sweep
+        return getattr(sweep, name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -1,0 +1,233 @@
+"""GLUE examples from a local folder (original GLUE layout) or the HuggingFace hub, tokenised
+with the model's own tokenizer and batched with dynamic padding.
+
+Both sources yield the same examples for a split: dicts ``{"sentence1", "sentence2", "label"}``
+(``sentence2`` is None for single-sentence tasks) with HuggingFace GLUE label ids
+(e.g. RTE/QNLI entailment=0, not_entailment=1; MNLI entailment=0, neutral=1, contradiction=2;
+STS-B a float score in [0, 5]).
+
+Folder source: ``<glue_dir>/<TASK>/{train,dev}.tsv`` as written by download_glue_data.py, read
+tab-separated with quoting disabled (GLUE text has unbalanced quotes) and ``utf-8-sig`` (MRPC
+files start with a BOM). Rows that do not parse raise; nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorWithPadding
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_GLUE_DIR = REPO_ROOT.parent / "shared" / "glue"  # the offline copy next to the repo
+
+
+class GlueFormatError(ValueError):
+    """A GLUE file has rows that do not parse (wrong field count, unknown label)."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # our key, lower case: 'mrpc'
+    folder: str  # GLUE folder name: 'MRPC'
+    hf_name: str  # nyu-mll/glue config name
+    num_labels: int  # 1 = regression
+    hf_columns: tuple  # (sentence1, sentence2 or None) column names on the hub
+    # folder files: column of each field, by header name (or int index for headerless files)
+    tsv_columns: tuple  # (sentence1, sentence2 or None, label)
+    tsv_header: bool = True
+    label_map: dict | None = None  # string label in the tsv -> HF id (None: int or float column)
+    splits: dict = field(default_factory=lambda: {"train": "train", "dev": "validation"})
+    tsv_files: dict = field(default_factory=lambda: {"train": "train.tsv", "dev": "dev.tsv"})
+    metrics: tuple = ("accuracy",)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+
+_NLI2 = {"entailment": 0, "not_entailment": 1}
+TASKS = {t.name: t for t in [
+    TaskSpec("cola", "CoLA", "cola", 2, ("sentence", None), (3, None, 1), tsv_header=False,
+             metrics=("matthews",)),
+    TaskSpec("sst2", "SST-2", "sst2", 2, ("sentence", None), ("sentence", None, "label")),
+    TaskSpec("mrpc", "MRPC", "mrpc", 2, ("sentence1", "sentence2"),
+             ("#1 String", "#2 String", "Quality"), metrics=("accuracy", "f1")),
+    TaskSpec("stsb", "STS-B", "stsb", 1, ("sentence1", "sentence2"),
+             ("sentence1", "sentence2", -1), metrics=("pearson", "spearman")),  # score is last
+    TaskSpec("qqp", "QQP", "qqp", 2, ("question1", "question2"),
+             ("question1", "question2", "is_duplicate"), metrics=("accuracy", "f1")),
+    TaskSpec("mnli", "MNLI", "mnli", 3, ("premise", "hypothesis"),
+             ("sentence1", "sentence2", "gold_label"),
+             label_map={"entailment": 0, "neutral": 1, "contradiction": 2},
+             splits={"train": "train", "dev": "validation_matched",
+                     "dev_matched": "validation_matched",
+                     "dev_mismatched": "validation_mismatched"},
+             tsv_files={"train": "train.tsv", "dev": "dev_matched.tsv",
+                        "dev_matched": "dev_matched.tsv",
+                        "dev_mismatched": "dev_mismatched.tsv"}),
+    TaskSpec("qnli", "QNLI", "qnli", 2, ("question", "sentence"),
+             ("question", "sentence", "label"), label_map=_NLI2),
+    TaskSpec("rte", "RTE", "rte", 2, ("sentence1", "sentence2"),
+             ("sentence1", "sentence2", "label"), label_map=_NLI2),
+    TaskSpec("wnli", "WNLI", "wnli", 2, ("sentence1", "sentence2"),
+             ("sentence1", "sentence2", "label")),
+]}
+_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "validation": "dev",
+            "validation_matched": "dev_matched", "validation_mismatched": "dev_mismatched"}
+
+
+def get_task(task: str) -> TaskSpec:
+    key = _ALIASES.get(task.lower(), task.lower())
+    if key not in TASKS:
+        raise ValueError(f"unknown task {task!r}: choose one of {sorted(TASKS)}")
+    return TASKS[key]
+
+
+def _split_key(spec: TaskSpec, split: str) -> str:
+    key = _ALIASES.get(split, split)
+    if key not in spec.splits:
+        raise ValueError(f"task {spec.name!r} has no split {split!r}: use one of {sorted(spec.splits)}")
+    return key
+
+
+def resolve_glue_dir(glue_dir: str | os.PathLike | None = None) -> Path | None:
+    """Where GLUE comes from: ``glue_dir`` if given ('hub' forces the hub), else $GLUE_DIR, else
+    the offline copy at ``<repo>/../shared/glue`` if it exists, else None (= the hub)."""
+    if glue_dir is None:
+        glue_dir = os.environ.get("GLUE_DIR") or (
+            str(DEFAULT_GLUE_DIR) if DEFAULT_GLUE_DIR.is_dir() else None)
+    if glue_dir is None or str(glue_dir).lower() == "hub":
+        return None
+    path = Path(glue_dir).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"GLUE folder {path} does not exist: set GLUE_DIR / --glue-dir "
+                                "to a folder holding <TASK>/train.tsv, or use 'hub'")
+    return path
+
+
+# ---------------------------------------------------------------- folder source
+def _parse_label(spec: TaskSpec, raw: str):
+    if spec.label_map is not None:
+        return spec.label_map[raw]  # KeyError -> reported as a bad row
+    return float(raw) if spec.is_regression else int(raw)
+
+
+def read_tsv(spec: TaskSpec, path: Path) -> list[dict]:
+    """Parse one GLUE tsv into examples; raise GlueFormatError listing how many rows failed."""
+    if not path.is_file():
+        raise FileNotFoundError(f"GLUE file not found: {path} (expected GLUE layout "
+                                f"<glue_dir>/{spec.folder}/<split>.tsv; fix GLUE_DIR or use 'hub')")
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    first_line = 1
+    s1, s2, lab = spec.tsv_columns
+    if spec.tsv_header:
+        if not rows:
+            raise GlueFormatError(f"{path}: empty file, expected a header line")
+        header, rows, first_line = rows[0], rows[1:], 2
+        try:
+            s1, s2, lab = (None if c is None else c if isinstance(c, int) else header.index(c)
+                           for c in spec.tsv_columns)
+        except ValueError:
+            raise GlueFormatError(f"{path}:1: header {header} lacks one of the columns "
+                                  f"{[c for c in spec.tsv_columns if isinstance(c, str)]}") from None
+        n_fields = len(header)
+    else:
+        n_fields = len(rows[0]) if rows else 0
+    examples, bad = [], []
+    for i, row in enumerate(rows):
+        lineno = first_line + i
+        if len(row) != n_fields:
+            bad.append(f"line {lineno}: expected {n_fields} tab-separated fields, got {len(row)}")
+            continue
+        try:
+            label = _parse_label(spec, row[lab])
+        except (KeyError, ValueError):
+            bad.append(f"line {lineno}: bad label {row[lab]!r}")
+            continue
+        examples.append({"sentence1": row[s1], "sentence2": None if s2 is None else row[s2],
+                         "label": label})
+    if bad:
+        raise GlueFormatError(f"{path}: {len(bad)} unparsable row(s) of {len(rows)}, first at "
+                              f"{bad[0]}; fix or re-download the file (no rows are dropped)")
+    return examples
+
+
+# ---------------------------------------------------------------- hub source
+def _load_hub(spec: TaskSpec, split_key: str) -> list[dict]:
+    import datasets  # imported lazily: the folder path needs no network stack
+
+    try:
+        ds = datasets.load_dataset("nyu-mll/glue", spec.hf_name, split=spec.splits[split_key])
+    except Exception as e:  # offline, unknown config, ...: one line, name the fix
+        raise RuntimeError(f"could not load nyu-mll/glue/{spec.hf_name} split "
+                           f"{spec.splits[split_key]} from the hub ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); set GLUE_DIR to a "
+                           "local GLUE folder instead") from e
+    c1, c2 = spec.hf_columns
+    out = []
+    for i, row in enumerate(ds):
+        label = row["label"]
+        if label is None or (not spec.is_regression and not 0 <= int(label) < spec.num_labels):
+            raise GlueFormatError(f"hub nyu-mll/glue/{spec.hf_name}/{spec.splits[split_key]} "
+                                  f"row {i}: label {label!r} (hidden test labels?); use a "
+                                  "labelled split")
+        out.append({"sentence1": row[c1], "sentence2": None if c2 is None else row[c2],
+                    "label": float(label) if spec.is_regression else int(label)})
+    return out
+
+
+def load_examples(task: str, split: str = "train", glue_dir=None,
+                  subsample: int | None = None) -> list[dict]:
+    """Examples of one split from the folder (see resolve_glue_dir) or the hub.
+    ``subsample``: keep the first N (smoke runs)."""
+    spec = get_task(task)
+    key = _split_key(spec, split)
+    folder = resolve_glue_dir(glue_dir)
+    if folder is None:
+        examples = _load_hub(spec, key)
+    else:
+        examples = read_tsv(spec, folder / spec.folder / spec.tsv_files[key])
+    return examples[:subsample] if subsample else examples
+
+
+# ---------------------------------------------------------------- tokenisation and batching
+def tokenize(examples: list[dict], tokenizer, max_length: int = 128) -> list[dict]:
+    """One feature dict per example (input_ids, attention_mask, [token_type_ids], labels), not
+    padded: padding happens per batch in the collator."""
+    s1 = [e["sentence1"] for e in examples]
+    pair = bool(examples) and examples[0]["sentence2"] is not None
+    enc = tokenizer(s1, [e["sentence2"] for e in examples] if pair else None,
+                    truncation=True, max_length=max_length)
+    keys = list(enc.keys())
+    return [{**{k: enc[k][i] for k in keys}, "labels": e["label"]}
+            for i, e in enumerate(examples)]
+
+
+def make_collator(tokenizer, pad_to_max_length: bool = False, max_length: int = 128):
+    """Dynamic padding (to the longest in the batch) unless ``pad_to_max_length``."""
+    if pad_to_max_length:
+        return DataCollatorWithPadding(tokenizer, padding="max_length", max_length=max_length)
+    return DataCollatorWithPadding(tokenizer)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch; depends only on (seed, epoch), so a resumed
+    run and every DDP process see the same order."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def global_batches(order: list[int], batch_size: int) -> list[list[int]]:
+    """Consecutive global batches (the last one may be smaller; nothing is dropped)."""
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def shard(batch: list[int], rank: int, world: int) -> list[int]:
+    """This process's contiguous part of a global batch (sizes differ by at most one)."""
+    n, r = divmod(len(batch), world)
+    start = rank * n + min(rank, r)
+    return batch[start:start + n + (rank < r)]

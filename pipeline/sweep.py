@@ -1,0 +1,148 @@
+"""Grid sweeps: task x variant x init x rank x lr x seed, skipping runs already complete and
+resuming killed ones from their last epoch checkpoint.
+
+    python -m pipeline.sweep --task mrpc --variant lorafa --init kaiming svd --rank 8 \
+        --lr 1e-4 5e-4 --seeds 0 1 2 --epochs 2 [--glue-dir DIR] [--subsample-train N] \
+        [--logs-dir logs] [--quiet]
+
+Multi-process DDP (every process walks the same grid; ``--batch-size`` stays the global batch):
+``accelerate launch --multi_gpu --num_processes 2 -m pipeline.sweep ...`` or
+``torchrun --nproc_per_node 2 -m pipeline.sweep ...``; on a machine without GPUs both run on
+CPU with gloo (note: ``accelerate launch --cpu`` starts ONE process in accelerate 1.15).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from dataclasses import fields
+
+from .logs import log_path, read_log
+from .train import RunConfig, run_experiment
+
+
+def _print(*a):
+    # under torchrun / accelerate launch every process walks the grid: only rank 0 talks
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*a, flush=True)
+
+
+def grid(tasks, variants, inits, ranks, lrs, seeds, **common) -> list[RunConfig]:
+    """Configs of the grid in a stable order; 'full' ignores init and rank (deduplicated)."""
+    seen, out = set(), []
+    for task, variant, init, rank, lr, seed in itertools.product(
+            tasks, variants, inits, ranks, lrs, seeds):
+        cfg = RunConfig(task=task, variant=variant, init=init, rank=rank, lr=lr, seed=seed,
+                        **common)
+        if cfg.run_id not in seen:
+            seen.add(cfg.run_id)
+            out.append(cfg)
+    return out
+
+
+def _status(cfg: RunConfig) -> str | None:
+    p = log_path(cfg.logs_dir, cfg.task, cfg.run_id)
+    try:
+        return read_log(p).get("status") if p.exists() else None
+    except ValueError:
+        return None
+
+
+def run_sweep(tasks=("mrpc",), variants=("lorafa",), inits=("svd",), ranks=(8,), lrs=(5e-4,),
+              seeds=(0,), retry_failed: bool = False, dry_run: bool = False, **common) -> list[dict]:
+    """Run every config of the grid; ``common`` are other RunConfig fields (epochs, logs_dir,
+    glue_dir, subsample_train, quiet, ...). Complete runs are skipped (their stored history is
+    returned), failed ones too unless ``retry_failed``. Returns one summary dict per run."""
+    as_list = lambda x: [x] if isinstance(x, (str, int, float)) else list(x)  # noqa: E731
+    configs = grid(as_list(tasks), as_list(variants), as_list(inits), as_list(ranks),
+                   as_list(lrs), as_list(seeds), **common)
+    results = []
+    for i, cfg in enumerate(configs, 1):
+        status = _status(cfg)
+        head = f"[{i}/{len(configs)}] {cfg.run_id}"
+        if dry_run:
+            _print(f"{head}: {status or 'todo'}")
+            results.append({"run_id": cfg.run_id, "status": status, "skipped": True})
+            continue
+        if status == "complete" or (status == "failed" and not retry_failed):
+            _print(f"{head}: {status}, skipped")
+            results.append({"run_id": cfg.run_id, "status": status, "skipped": True})
+            continue
+        _print(f"{head}: {'resuming' if status == 'running' else 'running'}")
+        t = time.time()
+        h = run_experiment(cfg)
+        results.append({"run_id": cfg.run_id, "status": h["status"], "skipped": False,
+                        "final": h.get("final", {}), "seconds": round(time.time() - t, 1)})
+        _print(f"{head}: {h['status']} {h.get('final', {})} ({time.time() - t:.0f}s)")
+    return results
+
+
+def _none_int(s):
+    return None if s.lower() == "none" else int(s)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.split("\n")[0])
+    p.add_argument("--task", nargs="+", default=["mrpc"])
+    p.add_argument("--variant", nargs="+", default=["lorafa"], choices=["full", "lora", "lorafa"])
+    p.add_argument("--init", nargs="+", default=["svd"],
+                   choices=["kaiming", "orthogonal", "svd", "svd_minor"])
+    p.add_argument("--rank", nargs="+", type=int, default=[8])
+    p.add_argument("--lr", nargs="+", type=float, default=[5e-4])
+    p.add_argument("--seeds", "--seed", nargs="+", type=int, default=[0])
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--alpha", type=float, default=None, help="default: 2 * rank")
+    p.add_argument("--targets", default="attention")
+    p.add_argument("--reg-coeff", type=float, default=0.0)
+    p.add_argument("--head-lr", type=float, default=None)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--warmup-ratio", type=float, default=0.06)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--subsample-train", type=_none_int, default=None)
+    p.add_argument("--subsample-dev", type=_none_int, default=None)
+    p.add_argument("--dev-split", default="dev")
+    p.add_argument("--eval-every-steps", type=_none_int, default=None)
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--tag", default="")
+    p.add_argument("--logs-dir", default="logs")
+    p.add_argument("--glue-dir", default=None,
+                   help="GLUE folder (default $GLUE_DIR, then ../shared/glue; 'hub' = HF hub)")
+    p.add_argument("--no-checkpoint", action="store_true")
+    p.add_argument("--retry-failed", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list the grid and its status only")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    common = dict(model=a.model, targets=a.targets, reg_coeff=a.reg_coeff, head_lr=a.head_lr,
+                  epochs=a.epochs, batch_size=a.batch_size, eval_batch_size=a.eval_batch_size,
+                  max_length=a.max_length, warmup_ratio=a.warmup_ratio,
+                  weight_decay=a.weight_decay, grad_clip=a.grad_clip,
+                  subsample_train=a.subsample_train, subsample_dev=a.subsample_dev,
+                  dev_split=a.dev_split, eval_every_steps=a.eval_every_steps,
+                  mixed_precision=a.mixed_precision, tag=a.tag, logs_dir=a.logs_dir,
+                  glue_dir=a.glue_dir, checkpoint=not a.no_checkpoint, quiet=a.quiet)
+    assert set(common) <= {f.name for f in fields(RunConfig)}
+    results = []
+    # alpha defaults to 2 * rank (scale 2 for every rank), so sweep ranks one at a time
+    for rank in a.rank:
+        alpha = a.alpha if a.alpha is not None else 2 * rank
+        results += run_sweep(a.task, a.variant, a.init, [rank], a.lr, a.seeds, alpha=alpha,
+                             retry_failed=a.retry_failed, dry_run=a.dry_run, **common)
+    failed = [r["run_id"] for r in results if r["status"] == "failed" and not r["skipped"]]
+    done = sum(r["status"] == "complete" for r in results)
+    _print(f"sweep: {len(results)} runs, {done} complete, {len(failed)} failed "
+           f"{failed if failed else ''}".rstrip())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

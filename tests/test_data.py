@@ -1,0 +1,214 @@
+"""GLUE loading (offline folder and hub path), tokenisation, dynamic padding, batching."""
+from collections import Counter
+
+import pytest
+
+from pipeline import data as D
+
+# (task, split) -> (rows, label counts) from the offline folder's PROVENANCE.md tables
+EXPECTED = {
+    ("mrpc", "train"): (3668, {0: 1194, 1: 2474}),
+    ("mrpc", "dev"): (408, {0: 129, 1: 279}),
+    ("rte", "train"): (2490, {0: 1249, 1: 1241}),  # entailment=0, not_entailment=1
+    ("rte", "dev"): (277, {0: 146, 1: 131}),
+    ("cola", "train"): (8551, {0: 2528, 1: 6023}),
+    ("cola", "dev"): (1043, {0: 322, 1: 721}),
+    ("sst2", "dev"): (872, {0: 428, 1: 444}),
+    ("wnli", "train"): (635, {0: 323, 1: 312}),
+    ("wnli", "dev"): (71, {0: 40, 1: 31}),
+    ("qnli", "dev"): (5463, {0: 2702, 1: 2761}),
+}
+
+
+@pytest.mark.parametrize("task,split", sorted(EXPECTED))
+def test_folder_counts_and_labels(glue_dir, task, split):
+    ex = D.load_examples(task, split, glue_dir)
+    n, counts = EXPECTED[(task, split)]
+    assert len(ex) == n
+    assert dict(Counter(e["label"] for e in ex)) == counts
+    pair = D.get_task(task).hf_columns[1] is not None
+    assert all(isinstance(e["sentence1"], str) and e["sentence1"] for e in ex)
+    assert all((e["sentence2"] is not None) == pair for e in ex)
+
+
+def test_folder_stsb_scores(glue_dir):
+    tr, dev = D.load_examples("stsb", "train", glue_dir), D.load_examples("stsb", "dev", glue_dir)
+    assert (len(tr), len(dev)) == (5749, 1500)
+    assert round(sum(e["label"] for e in tr) / len(tr), 3) == 2.701
+    assert round(sum(e["label"] for e in dev) / len(dev), 3) == 2.364
+    assert dev[0] == {"sentence1": "A man with a hard hat is dancing.",
+                      "sentence2": "A man wearing a hard hat is dancing.", "label": 5.0}
+
+
+def test_folder_row_content(glue_dir):
+    mrpc = D.load_examples("mrpc", "train", glue_dir)
+    assert mrpc[0]["sentence1"].startswith("Amrozi accused his brother")  # no BOM, no header
+    assert mrpc[0]["label"] == 1
+    assert '" the witness "' in mrpc[0]["sentence1"]  # quotes kept verbatim (QUOTE_NONE)
+    cola = D.load_examples("cola", "dev", glue_dir)
+    assert cola[-1]["sentence1"] and cola[-1]["label"] in (0, 1)  # last line has no newline
+    assert cola[0]["sentence2"] is None
+
+
+def test_subsample_keeps_first_n(glue_dir):
+    full = D.load_examples("rte", "dev", glue_dir)
+    assert D.load_examples("rte", "dev", glue_dir, subsample=10) == full[:10]
+
+
+def test_missing_file_unknown_task_and_split(glue_dir):
+    with pytest.raises(FileNotFoundError, match=r"QNLI/train\.tsv"):
+        D.load_examples("qnli", "train", glue_dir)
+    with pytest.raises(ValueError, match="unknown task 'foo'"):
+        D.load_examples("foo", "train", glue_dir)
+    with pytest.raises(ValueError, match="no split 'test'"):
+        D.load_examples("mrpc", "test", glue_dir)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        D.load_examples("mrpc", "train", "/nonexistent/glue")
+
+
+def _write(folder, task_dir, name, text):
+    p = folder / task_dir / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_malformed_rows_raise_with_file_and_line(tmp_path):
+    _write(tmp_path, "RTE", "train.tsv", "index\tsentence1\tsentence2\tlabel\n"
+           "0\ta\tb\tentailment\n1\tonly three\tfields\n2\tc\td\tentailment\n3\te\tf\tmaybe\n")
+    with pytest.raises(D.GlueFormatError) as e:
+        D.load_examples("rte", "train", tmp_path)
+    msg = str(e.value)
+    assert "RTE/train.tsv" in msg and "2 unparsable row(s) of 4" in msg and "line 3" in msg
+    assert "\n" not in msg
+    _write(tmp_path, "CoLA", "dev.tsv", "src\t1\t\tok\nsrc\tx\t\tbad label\n")
+    with pytest.raises(D.GlueFormatError, match=r"CoLA/dev\.tsv.*line 2: bad label 'x'"):
+        D.load_examples("cola", "dev", tmp_path)
+    _write(tmp_path, "MRPC", "dev.tsv", "Quality\tWrong\tHeader\n1\ta\tb\n")
+    with pytest.raises(D.GlueFormatError, match="lacks one of the columns"):
+        D.load_examples("mrpc", "dev", tmp_path)
+
+
+def test_mnli_qqp_folder_layout(tmp_path):
+    # MNLI/QQP have no offline copy: check their column and label maps on constructed rows
+    hdr = "index\tpromptID\tpairID\tgenre\tsentence1\tsentence2\tlabel1\tgold_label\n"
+    _write(tmp_path, "MNLI", "dev_mismatched.tsv", hdr + "0\t1\t1\tx\tp0\th0\tneutral\tneutral\n"
+           "1\t1\t1\tx\tp1\th1\tcontradiction\tcontradiction\n2\t1\t1\tx\tp2\th2\te\tentailment\n")
+    ex = D.load_examples("mnli", "dev_mismatched", tmp_path)
+    assert [e["label"] for e in ex] == [1, 2, 0]
+    assert ex[0]["sentence1"] == "p0" and ex[0]["sentence2"] == "h0"
+    _write(tmp_path, "QQP", "train.tsv", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+           "0\t1\t2\tq a?\tq b?\t1\n")
+    assert D.load_examples("qqp", "train", tmp_path) == [
+        {"sentence1": "q a?", "sentence2": "q b?", "label": 1}]
+
+
+# ---------------------------------------------------------------- hub path (monkeypatched)
+HUB_ROWS = {  # nyu-mll/glue column names and label ids
+    ("mnli", "validation_matched"): [{"premise": "p", "hypothesis": "h", "label": 2, "idx": 0}],
+    ("mnli", "validation_mismatched"): [{"premise": "pm", "hypothesis": "hm", "label": 1, "idx": 0}],
+    ("qqp", "train"): [{"question1": "a?", "question2": "b?", "label": 1, "idx": 0}],
+    ("qnli", "validation"): [{"question": "q?", "sentence": "s.", "label": 1, "idx": 0}],
+    ("cola", "train"): [{"sentence": "It runs.", "label": 1, "idx": 0}],
+    ("sst2", "validation"): [{"sentence": "good .", "label": 1, "idx": 0}],
+    ("stsb", "train"): [{"sentence1": "a", "sentence2": "b", "label": 3.8, "idx": 0}],
+    ("rte", "train"): [{"sentence1": "s1", "sentence2": "s2", "label": 1, "idx": 0}],
+    ("mrpc", "validation"): [{"sentence1": "x", "sentence2": "y", "label": 0, "idx": 0}],
+    ("wnli", "train"): [{"sentence1": "w1", "sentence2": "w2", "label": 1, "idx": 0}],
+}
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, name, split):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list(HUB_ROWS[(name, split)])
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+@pytest.mark.parametrize("task,split,expected", [
+    ("mnli", "dev", {"sentence1": "p", "sentence2": "h", "label": 2}),
+    ("mnli", "dev_mismatched", {"sentence1": "pm", "sentence2": "hm", "label": 1}),
+    ("qqp", "train", {"sentence1": "a?", "sentence2": "b?", "label": 1}),
+    ("qnli", "dev", {"sentence1": "q?", "sentence2": "s.", "label": 1}),
+    ("cola", "train", {"sentence1": "It runs.", "sentence2": None, "label": 1}),
+    ("sst2", "validation", {"sentence1": "good .", "sentence2": None, "label": 1}),
+    ("stsb", "train", {"sentence1": "a", "sentence2": "b", "label": 3.8}),
+])
+def test_hub_column_and_label_mapping(fake_hub, task, split, expected):
+    assert D.load_examples(task, split, glue_dir="hub") == [expected]
+    assert fake_hub[0][0] == "nyu-mll/glue"
+
+
+def test_hub_and_folder_agree(fake_hub, tmp_path):
+    # the same rows through both sources give identical examples and label ids
+    _write(tmp_path, "RTE", "train.tsv", "index\tsentence1\tsentence2\tlabel\n0\ts1\ts2\tnot_entailment\n")
+    _write(tmp_path, "MRPC", "dev.tsv", "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n0\t1\t2\tx\ty\n")
+    _write(tmp_path, "WNLI", "train.tsv", "index\tsentence1\tsentence2\tlabel\n0\tw1\tw2\t1\n")
+    for task, split in [("rte", "train"), ("mrpc", "dev"), ("wnli", "train")]:
+        assert D.load_examples(task, split, tmp_path) == D.load_examples(task, split, "hub")
+
+
+def test_hub_unlabelled_rows_raise(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(
+        [{"sentence1": "a", "sentence2": "b", "label": -1, "idx": 0}]))
+    with pytest.raises(D.GlueFormatError, match="label -1"):
+        D.load_examples("rte", "train", "hub")
+
+
+def test_glue_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv("GLUE_DIR", str(tmp_path))
+    assert D.resolve_glue_dir() == tmp_path
+    assert D.resolve_glue_dir("hub") is None
+
+
+# ---------------------------------------------------------------- tokenisation and batching
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+def test_tokenize_pair_single_and_truncation(tokenizer):
+    pair = D.tokenize([{"sentence1": "a cat", "sentence2": "a dog", "label": 1}], tokenizer)[0]
+    assert pair["labels"] == 1 and 1 in pair["token_type_ids"]  # second segment marked
+    assert pair["input_ids"].count(tokenizer.sep_token_id) == 2
+    single = D.tokenize([{"sentence1": "a cat", "sentence2": None, "label": 0}], tokenizer)[0]
+    assert single["input_ids"].count(tokenizer.sep_token_id) == 1
+    long = D.tokenize([{"sentence1": "word " * 300, "sentence2": "other " * 300, "label": 0}],
+                      tokenizer, max_length=40)[0]
+    assert len(long["input_ids"]) == 40
+
+
+def test_dynamic_padding(tokenizer):
+    feats = D.tokenize([{"sentence1": "short", "sentence2": None, "label": 0},
+                        {"sentence1": "a somewhat longer sentence here", "sentence2": None,
+                         "label": 1}], tokenizer)
+    batch = D.make_collator(tokenizer)(feats)
+    longest = max(len(f["input_ids"]) for f in feats)
+    assert batch["input_ids"].shape == (2, longest) and longest < 128
+    assert batch["attention_mask"].sum().item() == sum(len(f["input_ids"]) for f in feats)
+    assert batch["labels"].tolist() == [0, 1]
+    fixed = D.make_collator(tokenizer, pad_to_max_length=True, max_length=128)(feats)
+    assert fixed["input_ids"].shape == (2, 128)
+    reg = D.make_collator(tokenizer)(D.tokenize(
+        [{"sentence1": "a", "sentence2": "b", "label": 3.5}], tokenizer))
+    assert reg["labels"].dtype.is_floating_point
+
+
+def test_epoch_order_batches_and_shards():
+    o0, o0b, o1 = D.epoch_order(50, 0, 0), D.epoch_order(50, 0, 0), D.epoch_order(50, 0, 1)
+    assert o0 == o0b and o0 != o1 and sorted(o0) == list(range(50))
+    batches = D.global_batches(o0, 16)
+    assert [len(b) for b in batches] == [16, 16, 16, 2]  # nothing dropped
+    for b in batches:
+        parts = [D.shard(b, r, 3) for r in range(3)]
+        assert sum(parts, []) == b  # contiguous, in order, complete
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1

@@ -1,0 +1,157 @@
+"""Run ids, atomic JSON logs, load_logs/load_curves, the sweep CLI and the plot helpers."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import logs as L
+from pipeline import plots as P
+from pipeline import sweep as S
+from pipeline.train import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_id_readable_and_distinct():
+    cfg = RunConfig(task="MRPC", variant="lorafa", init="svd", rank=8, alpha=16, lr=3e-3, seed=0)
+    assert cfg.run_id == "mrpc-lorafa-svd-r8-lr3e-03-s0"
+    assert RunConfig(lr=1.5e-4).run_id != RunConfig(lr=2e-4).run_id  # no rounding collisions
+    assert RunConfig(lr=1.5e-4).run_id == "mrpc-lorafa-svd-r8-lr1.5e-04-s0"
+    assert RunConfig(variant="full", init="svd", lr=2e-5).run_id == "mrpc-full-lr2e-05-s0"
+    assert RunConfig(reg_coeff=0.01, subsample_train=64, seed=2, tag="x").run_id == \
+        "mrpc-lorafa-svd-r8-lr5e-04-reg1e-02-n64-x-s2"
+    assert RunConfig(rank=4, alpha=16).run_id.endswith("-r4-lr5e-04-a16-s0")
+    with pytest.raises(ValueError, match="unknown variant"):
+        RunConfig(variant="qlora")
+    with pytest.raises(ValueError, match="unknown init"):
+        RunConfig(init="gaussian")
+
+
+def test_grid_dedupes_full_variant():
+    cfgs = S.grid(["mrpc"], ["full", "lorafa"], ["kaiming", "svd"], [8], [1e-4], [0, 1])
+    ids = [c.run_id for c in cfgs]
+    assert len(ids) == len(set(ids)) == 2 + 4  # full ignores init: 2 seeds, lorafa 2x2
+
+
+def test_atomic_write_keeps_old_file_on_error(tmp_path):
+    p = tmp_path / "t" / "run.json"
+    L.atomic_write_json({"a": 1}, p)
+    with pytest.raises(TypeError):
+        L.atomic_write_json({"a": object()}, p)  # not serialisable: fails mid-write
+    assert json.loads(p.read_text()) == {"a": 1}
+    assert os.listdir(p.parent) == ["run.json"]  # no temp file left behind
+    assert oct(p.stat().st_mode & 0o777) == "0o644"
+
+
+def test_summarize_final_and_best():
+    h = {"evals": [{"step": 10, "epoch": 1, "dev_loss": 0.5, "accuracy": 0.7},
+                   {"step": 20, "epoch": 2, "dev_loss": 0.4, "accuracy": 0.8},
+                   {"step": 30, "epoch": 3, "dev_loss": 0.45, "accuracy": 0.75}]}
+    L.summarize(h)
+    assert h["final"] == {"dev_loss": 0.45, "accuracy": 0.75}
+    assert h["best"] == {"dev_loss": {"value": 0.4, "step": 20},
+                         "accuracy": {"value": 0.8, "step": 20}}
+
+
+# ---------------------------------------------------------------- the sweep, end to end
+def test_sweep_cli_runs_skips_and_loads(glue_dir, tmp_path, tiny_bert_dir, monkeypatch):
+    logs = tmp_path / "logs"
+    argv = ["--task", "mrpc", "--variant", "lorafa", "--init", "kaiming", "svd", "--rank", "4",
+            "--lr", "1e-3", "--seeds", "0", "1", "--epochs", "2", "--batch-size", "8",
+            "--subsample-train", "16", "--subsample-dev", "8", "--model", tiny_bert_dir(),
+            "--glue-dir", str(glue_dir), "--logs-dir", str(logs), "--quiet"]
+    assert S.main(argv) == 0
+    files = sorted(p.name for p in (logs / "mrpc").glob("*.json"))
+    assert files == [f"mrpc-lorafa-{i}-r4-lr1e-03-{m}-n16-s{s}.json"
+                     for i in ("kaiming", "svd") for m in [Path(tiny_bert_dir()).name]
+                     for s in (0, 1)]
+    h = L.read_log(logs / "mrpc" / files[0])
+    for key in ("schema_version", "config", "env", "train", "epochs", "evals", "wall_time_s",
+                "model", "status", "final", "best"):
+        assert key in h, key
+    assert h["status"] == "complete" and h["env"]["packages"]["torch"]
+    assert [e["step"] for e in h["evals"]] == [2, 4] and h["config"]["alpha"] == 8
+
+    # a second sweep over the same grid runs nothing
+    monkeypatch.setattr(S, "run_experiment", lambda cfg: pytest.fail(f"reran {cfg.run_id}"))
+    assert S.main(argv) == 0
+
+    runs = L.load_logs(logs)
+    assert len(runs) == 4 and set(runs["init"]) == {"kaiming", "svd"}
+    assert {"final_accuracy", "best_f1", "best_f1_step", "trainable_params"} <= set(runs)
+    assert (runs["steps"] == 4).all() and (runs["status"] == "complete").all()
+    curves = L.load_curves(logs)
+    assert len(curves) == 4 * 2 * 3  # runs x evals x (dev_loss, accuracy, f1)
+    train = L.load_curves(logs, kind="train")
+    assert set(train["metric"]) == {"loss", "lr"} and len(train) == 4 * 4 * 2
+
+
+def test_sweep_dry_run_cli(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pipeline.sweep", "--init", "kaiming", "svd",
+                          "--lr", "1e-4", "5e-4", "--logs-dir", str(tmp_path), "--dry-run"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "mrpc-lorafa-svd-r8-lr5e-04-s0: todo" in out.stdout and "4 runs" in out.stdout
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_load_logs_rejects_corrupt_json(tmp_path):
+    (tmp_path / "mrpc").mkdir()
+    (tmp_path / "mrpc" / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        L.load_logs(tmp_path)
+
+
+# ---------------------------------------------------------------- plots on synthetic logs
+def _fake_run(logs, init, seed, accs):
+    cfg = RunConfig(init=init, seed=seed, logs_dir=str(logs))
+    h = {"schema_version": 1, "run_id": cfg.run_id, "status": "complete",
+         "config": cfg.__dict__, "main_metric": "accuracy", "model": {"trainable_params": 1},
+         "train": {"step": [1], "loss": [0.5], "lr": [1e-3]}, "wall_time_s": 1.0,
+         "evals": [{"step": 10 * (i + 1), "epoch": i + 1, "accuracy": a}
+                   for i, a in enumerate(accs)]}
+    L.summarize(h)
+    L.atomic_write_json(h, L.log_path(logs, "mrpc", cfg.run_id))
+
+
+@pytest.fixture
+def fake_logs(tmp_path):
+    _fake_run(tmp_path, "kaiming", 0, [0.5, 0.6, 0.7])
+    _fake_run(tmp_path, "kaiming", 1, [0.5, 0.7, 0.7])
+    _fake_run(tmp_path, "svd", 0, [0.7, 0.8, 0.8])
+    _fake_run(tmp_path, "svd", 1, [0.6, 0.7, 0.9])
+    return tmp_path
+
+
+def test_results_table_and_curve_stats(fake_logs):
+    runs, curves = L.load_logs(fake_logs), L.load_curves(fake_logs)
+    t = P.results_table(runs).set_index("init")
+    assert t.loc["svd", "mean"] == pytest.approx(0.85) and t.loc["svd", "n"] == 2
+    assert t.loc["kaiming", "std"] == 0.0
+    s = P.curve_stats(curves, "accuracy", by="init").set_index(["init", "step"])
+    assert s.loc[("kaiming", 20), "mean"] == pytest.approx(0.65)
+    assert s.loc[("kaiming", 20), "std"] == pytest.approx(0.0707107, rel=1e-5)  # sample std
+
+
+def test_steps_to_reach_baseline(fake_logs):
+    runs, curves = L.load_logs(fake_logs), L.load_curves(fake_logs)
+    t = P.steps_to_reach_baseline(curves, runs, "accuracy", baseline={"init": "kaiming"},
+                                  by="init").set_index("init")
+    # target = mean final kaiming accuracy = 0.7; kaiming reaches it at 30 and 20, svd at 10, 20
+    assert t["target"].iloc[0] == pytest.approx(0.7)
+    assert t.loc["kaiming", "mean_steps"] == 25 and t.loc["svd", "mean_steps"] == 15
+    assert t.loc["svd", "speedup_vs_baseline"] == pytest.approx(25 / 15)
+    never = P.steps_to_reach(curves, "accuracy", 0.95)
+    assert never["steps_to_target"].isna().all()
+
+
+def test_plot_curves_draws_bands(fake_logs):
+    import matplotlib
+    matplotlib.use("Agg")
+    ax = P.plot_curves(L.load_curves(fake_logs), "accuracy", by="init")
+    assert len(ax.lines) == 2 and len(ax.collections) == 2  # a mean line + band per init
+    with pytest.raises(ValueError, match="no 'f1' points"):
+        P.plot_curves(L.load_curves(fake_logs), "f1")
