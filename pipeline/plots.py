@@ -118,3 +118,133 @@ def steps_to_reach_baseline(curves: pd.DataFrame, runs: pd.DataFrame, metric: st
     t.attrs["target"] = target
     t.insert(0, "target", target)
     return t
+
+
+# ---------------------------------------------------------------- presentation helpers
+METHODS = ["full FT", "LoRA (kaiming)", "LoRA (svd)", "LoRA-FA (kaiming)", "LoRA-FA (orthogonal)",
+           "LoRA-FA (svd)", "LoRA-FA (svd_minor)"]
+
+
+def with_method(df: pd.DataFrame) -> pd.DataFrame:
+    """Add a readable 'method' column (variant + init), e.g. 'LoRA-FA (svd)', 'full FT'."""
+    df = df.copy()
+    names = {"full": "full FT", "lora": "LoRA", "lorafa": "LoRA-FA"}
+    df["method"] = [names[v] if v == "full" else f"{names[v]} ({i})"
+                    for v, i in zip(df["variant"], df["init"])]
+    return df
+
+
+def _method_key(m):
+    return (METHODS.index(m) if m in METHODS else len(METHODS), m)
+
+
+def plot_task(runs: pd.DataFrame, eval_curves: pd.DataFrame, train_curves: pd.DataFrame,
+              task: str, by: str = "method", smooth: int = 10, title: str | None = None):
+    """Two panels for one task: train loss (rolling mean over ``smooth`` steps) and the dev
+    main metric vs optimizer step, one line per ``by`` group, mean ± std over seeds."""
+    import matplotlib.pyplot as plt
+
+    r = runs[runs["task"] == task]
+    if r.empty:
+        raise ValueError(f"no runs for task {task!r}; tasks present: {sorted(runs['task'].unique())}")
+    metric = r["main_metric"].dropna().iloc[0]
+    fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(12, 4.2))
+    tr = train_curves[(train_curves["task"] == task) & (train_curves["metric"] == "loss")].copy()
+    tr = tr.sort_values("step")
+    tr["value"] = tr.groupby("run_id")["value"].transform(
+        lambda v: v.rolling(smooth, min_periods=1).mean())
+    ev = eval_curves[eval_curves["task"] == task]
+    plot_curves(tr, "loss", by=(by,), ax=ax_loss)
+    plot_curves(ev, metric, by=(by,), ax=ax_dev)
+    ax_loss.set_ylabel(f"train loss (mean of {smooth} steps)")
+    ax_dev.set_ylabel(f"dev {metric}")
+    for ax in (ax_loss, ax_dev):
+        ax.set_xlabel("optimizer step")
+    fig.suptitle(title or f"{task.upper()}: mean ± std over seeds")
+    fig.tight_layout()
+    return fig
+
+
+def final_results(runs: pd.DataFrame, which: str = "best", by: str = "method") -> pd.DataFrame:
+    """Wide table: one row per ``by`` group, one column per task with 'mean ± std (n)' of the
+    task's main metric (``which``: 'best' epoch/eval or 'final')."""
+    d = runs[runs["status"] == "complete"]
+    cols = {}
+    for task, g in d.groupby("task", sort=True):
+        metric = g["main_metric"].dropna().iloc[0]
+        t = results_table(g, metric, by=(by,), which=which)
+        cols[f"{task} {metric}"] = {k: f"{m:.3f} ± {s:.3f} (n={n})"
+                                    for k, m, s, n in zip(t[by], t["mean"], t["std"], t["n"])}
+    table = pd.DataFrame(cols)
+    table = table.loc[sorted(table.index, key=_method_key if by == "method" else str)]
+    table.index.name = by
+    return table
+
+
+def plot_convergence(conv: pd.DataFrame, ax=None, title: str | None = None):
+    """Bar chart of ``steps_to_reach_baseline`` output grouped by task and method: mean steps
+    to reach the target (error bar = std over seeds); runs that never reach it are marked."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 4))
+    tasks = sorted(conv["task"].unique())
+    methods = sorted(conv["method"].unique(), key=_method_key)
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        xs, ys, es, notes = [], [], [], []
+        for i, task in enumerate(tasks):
+            row = conv[(conv["task"] == task) & (conv["method"] == m)]
+            if row.empty:
+                continue
+            row = row.iloc[0]
+            xs.append(i + (j - (len(methods) - 1) / 2) * width)
+            ys.append(0.0 if np.isnan(row["mean_steps"]) else row["mean_steps"])
+            es.append(0.0 if np.isnan(row["std_steps"]) else row["std_steps"])
+            notes.append(f"{int(row['reached'])}/{int(row['n'])}")
+        bars = ax.bar(xs, ys, width, yerr=es, label=m, capsize=3)
+        for b, note in zip(bars, notes):  # how many seeds reached the target at all
+            ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=7, xytext=(0, 2),
+                        textcoords="offset points")
+    ax.set_xticks(range(len(tasks)), [t.upper() for t in tasks])
+    ax.set_ylabel("optimizer steps to reach target")
+    ax.set_title(title or "Steps to reach the random-init LoRA-FA's best dev metric "
+                          "(label: seeds that reached it)")
+    ax.legend(fontsize="small", ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    return ax
+
+
+def plot_metric_vs(runs: pd.DataFrame, x: str = "lr", metric: str | None = None,
+                   by: str = "method", which: str = "final", ax=None, logx: bool = True,
+                   title: str | None = None):
+    """A run-level metric against a config value (lr sweep, penalty strength): one line per
+    ``by`` group, mean ± std over seeds. Zero x-values are drawn at the left edge of a log
+    axis via symlog."""
+    import matplotlib.pyplot as plt
+
+    d = runs[runs["status"] == "complete"]
+    if metric is None:
+        metric = d["main_metric"].dropna().iloc[0]
+    col = f"{which}_{metric}"
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    for key, g in sorted(d.groupby(by), key=lambda kv: _method_key(str(kv[0]))):
+        s = g.groupby(x)[col].agg(["mean", "std"]).reset_index().sort_values(x)
+        line, = ax.plot(s[x], s["mean"], marker="o", label=str(key))
+        ax.fill_between(s[x], s["mean"] - s["std"].fillna(0), s["mean"] + s["std"].fillna(0),
+                        color=line.get_color(), alpha=0.2, linewidth=0)
+    if logx:
+        nonzero = d[x][d[x] > 0]
+        if (d[x] == 0).any() and len(nonzero):
+            ax.set_xscale("symlog", linthresh=float(nonzero.min()))
+        else:
+            ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"dev {metric} ({which})")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return ax

@@ -79,6 +79,28 @@ def run_sweep(tasks=("mrpc",), variants=("lorafa",), inits=("svd",), ranks=(8,),
     return results
 
 
+def run_variants(tasks, variants, inits, lrs, seeds=(0,), ranks=(8,), **common) -> list[dict]:
+    """``run_sweep`` with an init list and an lr per variant, as the experiment notebooks use:
+
+        run_variants("mrpc", ["full", "lora", "lorafa"],
+                     inits={"lora": ["kaiming"], "lorafa": ["orthogonal", "svd"]},
+                     lrs={"full": 5e-5, "lora": 1e-3, "lorafa": 5e-3}, seeds=[0, 1, 2])
+
+    Runs go seed by seed (all variants of seed 0 first), so a sweep cut short still holds
+    complete comparisons. 'full' needs no init."""
+    missing = [v for v in variants if v not in lrs or (v != "full" and v not in inits)]
+    if missing:
+        raise ValueError(f"variants {missing} have no lr (or no init list): give lrs[variant] "
+                         "and, for adapters, inits[variant]")
+    as_list = lambda x: [x] if isinstance(x, (str, int, float)) else list(x)  # noqa: E731
+    results = []
+    for seed in as_list(seeds):
+        for v in variants:
+            results += run_sweep(tasks, [v], inits.get(v, ["svd"]), ranks, lrs[v], [seed],
+                                 **common)
+    return results
+
+
 def _none_int(s):
     return None if s.lower() == "none" else int(s)
 
