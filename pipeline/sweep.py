@@ -50,14 +50,20 @@ def _status(cfg: RunConfig) -> str | None:
         return None
 
 
-def run_sweep(tasks=("mrpc",), variants=("lorafa",), inits=("svd",), ranks=(8,), lrs=(5e-4,),
-              seeds=(0,), retry_failed: bool = False, dry_run: bool = False, **common) -> list[dict]:
-    """Run every config of the grid; ``common`` are other RunConfig fields (epochs, logs_dir,
-    glue_dir, subsample_train, quiet, ...). Complete runs are skipped (their stored history is
-    returned), failed ones too unless ``retry_failed``. Returns one summary dict per run."""
-    as_list = lambda x: [x] if isinstance(x, (str, int, float)) else list(x)  # noqa: E731
-    configs = grid(as_list(tasks), as_list(variants), as_list(inits), as_list(ranks),
-                   as_list(lrs), as_list(seeds), **common)
+def _as_list(x):
+    return [x] if isinstance(x, (str, int, float)) else list(x)
+
+
+def run_configs(configs: list[RunConfig], retry_failed: bool = False, dry_run: bool = False,
+                shard: tuple[int, int] | None = None) -> list[dict]:
+    """Run ``configs`` in order, skipping complete runs (and failed ones unless
+    ``retry_failed``). ``shard=(k, n)`` keeps every n-th config from the k-th: n worker
+    processes, each given its own k, split one grid between them without overlap."""
+    if shard is not None:
+        k, n = shard
+        if not 0 <= k < n:
+            raise ValueError(f"shard {k}/{n}: need 0 <= k < n")
+        configs = configs[k::n]
     results = []
     for i, cfg in enumerate(configs, 1):
         status = _status(cfg)
@@ -79,7 +85,19 @@ def run_sweep(tasks=("mrpc",), variants=("lorafa",), inits=("svd",), ranks=(8,),
     return results
 
 
-def run_variants(tasks, variants, inits, lrs, seeds=(0,), ranks=(8,), **common) -> list[dict]:
+def run_sweep(tasks=("mrpc",), variants=("lorafa",), inits=("svd",), ranks=(8,), lrs=(5e-4,),
+              seeds=(0,), retry_failed: bool = False, dry_run: bool = False, shard=None,
+              **common) -> list[dict]:
+    """Run every config of the grid; ``common`` are other RunConfig fields (epochs, logs_dir,
+    glue_dir, subsample_train, quiet, ...). Complete runs are skipped (their stored history is
+    returned), failed ones too unless ``retry_failed``. Returns one summary dict per run."""
+    configs = grid(_as_list(tasks), _as_list(variants), _as_list(inits), _as_list(ranks),
+                   _as_list(lrs), _as_list(seeds), **common)
+    return run_configs(configs, retry_failed, dry_run, shard)
+
+
+def run_variants(tasks, variants, inits, lrs, seeds=(0,), ranks=(8,), retry_failed=False,
+                 dry_run=False, shard=None, **common) -> list[dict]:
     """``run_sweep`` with an init list and an lr per variant, as the experiment notebooks use:
 
         run_variants("mrpc", ["full", "lora", "lorafa"],
@@ -88,17 +106,20 @@ def run_variants(tasks, variants, inits, lrs, seeds=(0,), ranks=(8,), **common) 
 
     Runs go seed by seed (all variants of seed 0 first), so a sweep cut short still holds
     complete comparisons. 'full' needs no init."""
+    variants = _as_list(variants)
     missing = [v for v in variants if v not in lrs or (v != "full" and v not in inits)]
     if missing:
         raise ValueError(f"variants {missing} have no lr (or no init list): give lrs[variant] "
                          "and, for adapters, inits[variant]")
-    as_list = lambda x: [x] if isinstance(x, (str, int, float)) else list(x)  # noqa: E731
-    results = []
-    for seed in as_list(seeds):
-        for v in variants:
-            results += run_sweep(tasks, [v], inits.get(v, ["svd"]), ranks, lrs[v], [seed],
-                                 **common)
-    return results
+    configs = [cfg for seed in _as_list(seeds) for v in variants
+               for cfg in grid(_as_list(tasks), [v], _as_list(inits.get(v, ["svd"])),
+                               _as_list(ranks), _as_list(lrs[v]), [seed], **common)]
+    return run_configs(configs, retry_failed, dry_run, shard)
+
+
+def _shard(s):
+    k, _, n = s.partition("/")
+    return int(k), int(n)
 
 
 def _none_int(s):
@@ -138,6 +159,8 @@ def parse_args(argv=None):
     p.add_argument("--no-checkpoint", action="store_true")
     p.add_argument("--retry-failed", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="list the grid and its status only")
+    p.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                   help="run every N-th config from the K-th (N workers, K = 0..N-1)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -158,7 +181,8 @@ def main(argv=None) -> int:
     for rank in a.rank:
         alpha = a.alpha if a.alpha is not None else 2 * rank
         results += run_sweep(a.task, a.variant, a.init, [rank], a.lr, a.seeds, alpha=alpha,
-                             retry_failed=a.retry_failed, dry_run=a.dry_run, **common)
+                             retry_failed=a.retry_failed, dry_run=a.dry_run, shard=a.shard,
+                             **common)
     failed = [r["run_id"] for r in results if r["status"] == "failed" and not r["skipped"]]
     done = sum(r["status"] == "complete" for r in results)
     _print(f"sweep: {len(results)} runs, {done} complete, {len(failed)} failed "

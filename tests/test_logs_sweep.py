@@ -155,3 +155,18 @@ def test_plot_curves_draws_bands(fake_logs):
     assert len(ax.lines) == 2 and len(ax.collections) == 2  # a mean line + band per init
     with pytest.raises(ValueError, match="no 'f1' points"):
         P.plot_curves(L.load_curves(fake_logs), "f1")
+
+
+def test_run_variants_orders_by_seed_and_shards_split_without_overlap(tmp_path):
+    from pipeline.sweep import run_variants
+    kw = dict(inits={"lora": ["kaiming"], "lorafa": ["orthogonal", "svd"]},
+              lrs={"full": 1e-4, "lora": 1e-3, "lorafa": 5e-3}, seeds=[0, 1],
+              logs_dir=str(tmp_path), dry_run=True)
+    every = [r["run_id"] for r in run_variants("mrpc", ["full", "lora", "lorafa"], **kw)]
+    assert len(every) == 8 and all(r.endswith("-s0") for r in every[:4])
+    assert "mrpc-lora-kaiming-r8-lr1e-03-s1" in every and "mrpc-full-lr1e-04-s0" in every
+    halves = [[r["run_id"] for r in run_variants("mrpc", ["full", "lora", "lorafa"],
+                                                 shard=(k, 2), **kw)] for k in (0, 1)]
+    assert sorted(halves[0] + halves[1]) == sorted(every) and not set(halves[0]) & set(halves[1])
+    with pytest.raises(ValueError, match="no lr"):
+        run_variants("mrpc", ["full"], inits={}, lrs={}, logs_dir=str(tmp_path), dry_run=True)
