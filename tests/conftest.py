@@ -60,7 +60,8 @@ def glue_dir():
     """The offline GLUE folder: $GLUE_DIR, else ../shared/glue next to the repo."""
     path = Path(os.environ.get("GLUE_DIR") or ROOT.parent / "shared" / "glue")
     if not (path / "MRPC" / "train.tsv").is_file():
-        pytest.skip(f"no offline GLUE folder at {path}: set GLUE_DIR")
+        pytest.fail(f"no offline GLUE folder at {path}: set GLUE_DIR to a folder in the GLUE "
+                    "layout (<TASK>/train.tsv, dev.tsv)", pytrace=False)
     return path
 
 

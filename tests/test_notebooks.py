@@ -19,12 +19,13 @@ def execute(name, out_dir, **params):
 
 
 @pytest.fixture(scope="module")
-def smoke_logs(tmp_path_factory):
-    """Run the three task notebooks on a few dozen examples into one temporary logs folder."""
+def smoke_logs(tmp_path_factory, tiny_bert_dir, glue_dir):
+    """Run the three task notebooks on a few dozen examples (a tiny random BERT with the
+    MiniLM tokenizer, to keep CI fast) into one temporary logs folder."""
     tmp = tmp_path_factory.mktemp("nb")
     logs = tmp / "logs"
     for task in ("mrpc", "rte", "cola"):
-        execute(f"{task}_experiment.ipynb", tmp, logs_dir=str(logs),
+        execute(f"{task}_experiment.ipynb", tmp, logs_dir=str(logs), model=tiny_bert_dir(),
                 variants=["lorafa"], inits={"lorafa": ["orthogonal", "svd"]}, **SMOKE)
     return tmp, logs
 
@@ -37,10 +38,10 @@ def test_task_notebooks_write_one_complete_log_per_run(smoke_logs):
         assert all(json.loads(f.read_text())["status"] == "complete" for f in files)
 
 
-def test_regularization_notebook_runs(smoke_logs):
+def test_regularization_notebook_runs(smoke_logs, tiny_bert_dir):
     tmp, _ = smoke_logs
     reg_logs = tmp / "reg"
-    execute("regularization_experiment.ipynb", tmp, logs_dir=str(reg_logs),
+    execute("regularization_experiment.ipynb", tmp, logs_dir=str(reg_logs), model=tiny_bert_dir(),
             reg_coeffs=[0.0, 0.1], **SMOKE)
     coeffs = sorted(json.loads(f.read_text())["config"]["reg_coeff"]
                     for f in (reg_logs / "mrpc").glob("*.json"))
