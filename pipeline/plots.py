@@ -15,6 +15,11 @@ import pandas as pd
 GROUP = ("task", "variant", "init", "rank", "lr")  # a configuration, seeds aside
 
 
+def _color(name):
+    """The method's fixed colour, or None (matplotlib's cycle) for other groupings."""
+    return globals().get("METHOD_COLORS", {}).get(name)
+
+
 def _as_list(x):
     return [x] if isinstance(x, str) else list(x)
 
@@ -44,8 +49,11 @@ def plot_curves(curves: pd.DataFrame, metric: str, by=("init",), x="step", ax=No
         _, ax = plt.subplots(figsize=(6, 4))
     for key, g in stats.groupby(by, sort=True):
         key = key if isinstance(key, tuple) else (key,)
-        label = ", ".join(f"{b}={k}" for b, k in zip(by, key)) + f" (n={g['count'].max()})"
-        line, = ax.plot(g[x], g["mean"], label=label)
+        name = str(key[0]) if len(by) == 1 else ", ".join(f"{b}={k}" for b, k in zip(by, key))
+        if by == ["reg_coeff"]:
+            name = f"reg_coeff={key[0]:g}"
+        line, = ax.plot(g[x], g["mean"], marker="o", markersize=3, color=_color(name),
+                        label=f"{name} (n={g['count'].max()})")
         if band:
             ax.fill_between(g[x], g["mean"] - g["std"], g["mean"] + g["std"],
                             color=line.get_color(), alpha=0.2, linewidth=0)
@@ -125,6 +133,11 @@ METHODS = ["full FT", "LoRA (kaiming)", "LoRA (svd)", "LoRA-FA (kaiming)", "LoRA
            "LoRA-FA (svd)", "LoRA-FA (svd_minor)"]
 
 
+# one colour per method in every figure (tab10 order)
+METHOD_COLORS = dict(zip(METHODS, ["#1f77b4", "#ff7f0e", "#8c564b", "#9467bd", "#2ca02c",
+                                   "#d62728", "#e377c2"]))
+
+
 def with_method(df: pd.DataFrame) -> pd.DataFrame:
     """Add a readable 'method' column (variant + init), e.g. 'LoRA-FA (svd)', 'full FT'."""
     df = df.copy()
@@ -202,7 +215,7 @@ def plot_convergence(conv: pd.DataFrame, ax=None, title: str | None = None):
             ys.append(0.0 if np.isnan(row["mean_steps"]) else row["mean_steps"])
             es.append(0.0 if np.isnan(row["std_steps"]) else row["std_steps"])
             notes.append(f"{int(row['reached'])}/{int(row['n'])}")
-        bars = ax.bar(xs, ys, width, yerr=es, label=m, capsize=3)
+        bars = ax.bar(xs, ys, width, yerr=es, label=m, capsize=3, color=_color(m))
         for b, note in zip(bars, notes):  # how many seeds reached the target at all
             ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom", fontsize=7, xytext=(0, 2),
@@ -230,9 +243,13 @@ def plot_metric_vs(runs: pd.DataFrame, x: str = "lr", metric: str | None = None,
     col = f"{which}_{metric}"
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
-    for key, g in sorted(d.groupby(by), key=lambda kv: _method_key(str(kv[0]))):
+    groups = sorted(d.groupby(by), key=lambda kv: _method_key(str(kv[0])))
+    for j, (key, g) in enumerate(groups):
         s = g.groupby(x)[col].agg(["mean", "std"]).reset_index().sort_values(x)
-        line, = ax.plot(s[x], s["mean"], marker="o", label=str(key))
+        # distinct markers and shrinking sizes keep identical lines (e.g. two inits both at
+        # the majority-class accuracy) visible on top of each other
+        line, = ax.plot(s[x], s["mean"], marker="osD^v"[j % 5], markersize=9 - 1.5 * (j % 4),
+                        alpha=0.85, label=str(key), color=_color(str(key)))
         ax.fill_between(s[x], s["mean"] - s["std"].fillna(0), s["mean"] + s["std"].fillna(0),
                         color=line.get_color(), alpha=0.2, linewidth=0)
     if logx:
