@@ -188,7 +188,7 @@ def final_results(runs: pd.DataFrame, which: str = "best", by: str = "method") -
         t = results_table(g, metric, by=(by,), which=which)
         cols[f"{task} {metric}"] = {k: f"{m:.3f} ± {s:.3f} (n={n})"
                                     for k, m, s, n in zip(t[by], t["mean"], t["std"], t["n"])}
-    table = pd.DataFrame(cols)
+    table = pd.DataFrame(cols).fillna("not run")
     table = table.loc[sorted(table.index, key=_method_key if by == "method" else str)]
     table.index.name = by
     return table
