@@ -11,8 +11,8 @@ Log schema (``schema_version`` 1)::
       "error": null | "one-line reason (e.g. non-finite loss at step 12)",
       "config": {...every RunConfig field...},
       "env": {"python", "platform", "packages": {"torch", "transformers", ...}, "device",
-              "num_processes", "mixed_precision", "model_path", "git_commit", "hostname"},
-      "data": {"source": "folder:<path>" | "hub", "n_train", "n_dev", "dev_split",
+              "num_processes", "mixed_precision", "model_path", "git_commit"},
+      "data": {"source": "folder:<folder name>" | "hub", "n_train", "n_dev", "dev_split",
                "steps_per_epoch", "total_steps"},
       "model": {"num_params", "trainable_params", "adapted_modules": [...]},
       "main_metric": "accuracy",            # metric used for 'best' and steps-to-reach
@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import subprocess
 import tempfile
 from datetime import datetime, timezone
@@ -88,6 +87,19 @@ def git_commit(repo=None) -> str | None:
         return None
 
 
+def portable_path(path) -> str | None:
+    """A path as it may be committed: no machine-specific prefix. Installed packages become
+    'site-packages/<pkg>/...', other absolute paths their last folder name."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_absolute():
+        return str(path)
+    if "site-packages" in p.parts:
+        return str(Path("site-packages", *p.parts[p.parts.index("site-packages") + 1:]))
+    return p.name
+
+
 def environment(device=None, num_processes=1, mixed_precision="no", model_path=None) -> dict:
     packages = {}
     for p in PACKAGES:
@@ -97,8 +109,8 @@ def environment(device=None, num_processes=1, mixed_precision="no", model_path=N
             packages[p] = None
     return {"python": platform.python_version(), "platform": platform.platform(),
             "packages": packages, "device": str(device), "num_processes": num_processes,
-            "mixed_precision": mixed_precision, "model_path": model_path,
-            "git_commit": git_commit(), "hostname": socket.gethostname()}
+            "mixed_precision": mixed_precision, "model_path": portable_path(model_path),
+            "git_commit": git_commit()}
 
 
 def summarize(history: dict) -> None:

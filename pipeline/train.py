@@ -398,7 +398,7 @@ def run_experiment(config: RunConfig, on_end=None) -> dict:
         "schema_version": L.SCHEMA_VERSION, "run_id": cfg.run_id, "status": "running",
         "error": None, "config": asdict(cfg),
         "env": L.environment(accelerator.device, world, cfg.mixed_precision, model_path),
-        "data": {"source": f"folder:{glue_dir}" if glue_dir else "hub",
+        "data": {"source": f"folder:{L.portable_path(glue_dir)}" if glue_dir else "hub",
                  "n_train": len(train_feats), "n_dev": len(dev_feats),
                  "dev_split": cfg.dev_split, "steps_per_epoch": steps_per_epoch,
                  "total_steps": total_steps},
