@@ -173,45 +173,16 @@ def optimizer_state_bytes(opt) -> int:
 
 
 def saved_tensors(model, batch) -> tuple[int, Counter]:
-    """(bytes, histogram of (shape, dtype)) of what autograd saves for backward in one training
-    forward: lora.saved_activation_bytes' rule (parameters and buffers left out, each storage
-    counted once), plus which tensors they are.
-
-    Why not call lora.saved_activation_bytes: its pack hook returns the tensor itself, and when
-    autograd saves an op's *output* (exp, softmax, tanh, ...) that tensor's grad_fn holds the
-    saved copy: a reference cycle through C++ that gc cannot break, so every call leaks its
-    activations (~1 GiB per MiniLM b32 s128 forward; measured). Packing ``t.detach()`` (same
-    storage, same count) breaks the cycle. ``check_against_lora`` shows the counts agree."""
-    resident = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    seen, hist, total = set(), Counter(), 0
-
-    def pack(t):
-        nonlocal total
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key not in resident and key not in seen:
-            seen.add(key)
-            total += storage.nbytes()
-            hist[(tuple(t.shape), str(t.dtype).replace("torch.", ""))] += 1
-        return t.detach()
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(**batch).loss
-    del out
-    return total, hist
+    """(bytes, count per (shape, dtype)) of what autograd saves for backward in one training
+    forward: lora.saved_activation_bytes (parameters and buffers left out, each storage once)."""
+    hist = Counter()
+    nbytes = lora.saved_activation_bytes(lambda: model(**batch).loss, model, by_shape=hist)
+    return nbytes, hist
 
 
 def saved_mib(model, batch) -> float:
     """MiB autograd saves for backward in one training forward (see saved_tensors)."""
     return saved_tensors(model, batch)[0] / 2**20
-
-
-def check_against_lora(model, batch) -> None:
-    """Our count must equal lora.saved_activation_bytes' (run on a small batch: that one leaks)."""
-    ours = saved_tensors(model, batch)[0]
-    theirs = lora.saved_activation_bytes(lambda: model(**batch).loss, model)
-    if ours != theirs:
-        raise RuntimeError(f"saved bytes disagree with lora.saved_activation_bytes: {ours} != {theirs}")
 
 
 # ---------------------------------------------------------------- output

@@ -2,9 +2,9 @@
 
 1. Saved activations (section "saved"): the exact bytes autograd keeps for backward in one
    train-mode forward (dropout on), counted with torch.autograd.graph.saved_tensors_hooks by
-   lora.saved_activation_bytes' rule (parameters and buffers left out, each storage once; see
-   common.saved_tensors for why not that function itself). This is the memory LoRA-FA is
-   about: it grows with batch x sequence, the weights do not. Also which tensors differ.
+   lora.saved_activation_bytes (parameters and buffers left out, each storage once). This is
+   the memory LoRA-FA is about: it grows with batch x sequence, the weights do not. Also
+   which tensors differ between variants (by shape).
 7. With it, a plot of saved activations vs batch size (frozen-bwd / PEFT LoRA / ours).
    Section "floor": how much of the frozen-bwd floor is attention maps, and the ratios with
    attention dropout off - why the 0.75 x PEFT LoRA goal holds in one place and not another.
@@ -68,7 +68,6 @@ def saved_tables(models, shapes, plot_batches, plot_seq):
             mib, hists = {}, {}
             for v in C.VARIANTS:
                 model = shared[v] if v in shared else C.build(model_name, v, targets)[0]
-                C.check_against_lora(model, C.make_batch(model, 1, 16))
                 for b, s in shapes_here:
                     t0 = time.perf_counter()
                     nbytes, hist = C.saved_tensors(model, C.make_batch(model, b, s))
@@ -201,6 +200,17 @@ def peak_one(model_name, targets, variant, batch_size, seq) -> dict:
 PEAK_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
+def return_freed_memory_to_the_os() -> None:
+    """The same fix for this process (glibc only; elsewhere a no-op): without it the saved
+    section's GiB-sized forwards stay in the heap after they are freed (16 GiB RSS, OOM-killed
+    on a 24 GiB machine while the peak subprocesses ran)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_tables(models, peak_shapes, threads):
     rows = []
     for model_name in models:
@@ -271,6 +281,20 @@ def parse_shape(text):
     return int(b), int(s)
 
 
+def peak_section(args):
+    t_start = time.perf_counter()
+    peak_shapes = {"minilm": parse_shape(args.peak_minilm), "roberta": parse_shape(args.peak_roberta)}
+    print(f"peak memory, one subprocess per variant: {peak_shapes}", flush=True)
+    rows = peak_tables(args.models, peak_shapes, args.threads)
+    text = C.table(rows, ["model", "targets", "variant", "batch", "seq", "before_mib",
+                          "peak_mib", "step_extra_mib", "trainable", "optimizer_state_bytes"],
+                   f"**Peak memory of one training step, fresh process each ({rows[0]['kind']})**")
+    print(text)
+    path = C.write_json("memory_peak", {"args": vars(args), "rows": rows, "tables_md": text,
+                                        "wall_s": time.perf_counter() - t_start})
+    print(f"\nwrote {path} ({time.perf_counter() - t_start:.0f}s)", flush=True)
+
+
 SECTIONS = ("saved", "peak", "floor", "plot")
 
 
@@ -296,8 +320,12 @@ def main():
         print(json.dumps(peak_one(m, t, v, int(b), int(s))))
         return
 
+    return_freed_memory_to_the_os()
     shapes = [parse_shape(s) for s in args.shapes]
     C.RESULTS.mkdir(parents=True, exist_ok=True)
+    if "peak" in args.sections:  # first, while this process is still small
+        peak_section(args)
+
     if "saved" in args.sections:
         t_start = time.perf_counter()
         print(f"saved activations: {args.models}, shapes {shapes}", flush=True)
@@ -347,20 +375,6 @@ def main():
         print(text)
         path = C.write_json("memory_floor", {"args": vars(args), "rows": rows, "tables_md": text,
                                              "wall_s": time.perf_counter() - t_start})
-        print(f"\nwrote {path} ({time.perf_counter() - t_start:.0f}s)", flush=True)
-
-    if "peak" in args.sections:
-        t_start = time.perf_counter()
-        peak_shapes = {"minilm": parse_shape(args.peak_minilm),
-                       "roberta": parse_shape(args.peak_roberta)}
-        print(f"peak memory, one subprocess per variant: {peak_shapes}", flush=True)
-        rows = peak_tables(args.models, peak_shapes, args.threads)
-        text = C.table(rows, ["model", "targets", "variant", "batch", "seq", "before_mib",
-                              "peak_mib", "step_extra_mib", "trainable", "optimizer_state_bytes"],
-                       f"**Peak memory of one training step, fresh process each ({rows[0]['kind']})**")
-        print(text)
-        path = C.write_json("memory_peak", {"args": vars(args), "rows": rows, "tables_md": text,
-                                            "wall_s": time.perf_counter() - t_start})
         print(f"\nwrote {path} ({time.perf_counter() - t_start:.0f}s)", flush=True)
 
 

@@ -428,3 +428,18 @@ def test_peft_export_of_a_roberta_head_with_two_linears(tiny_roberta, token_batc
             p.normal_()
     peft_model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     assert (logits(peft_model, token_batch) - logits(model, token_batch)).abs().max() <= 1e-5
+
+
+def test_counting_saved_tensors_does_not_leak_them():
+    import gc
+    import weakref
+    x = torch.randn(32, 32, requires_grad=True)
+    refs = []
+
+    def forward():
+        y = torch.softmax(x @ x, -1)  # softmax saves its own output for backward
+        refs.append(weakref.ref(y))
+        return y.sum()
+    assert lora.saved_activation_bytes(forward) >= 2 * 32 * 32 * 4
+    gc.collect()
+    assert refs[0]() is None
