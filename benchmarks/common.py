@@ -211,6 +211,16 @@ def write_json(name: str, payload: dict) -> Path:
     return path
 
 
+def finish(name: str, sections: list[str], args, t_start: float, **payload) -> Path:
+    """Print the tables and write them with the raw rows to results/<name>.json."""
+    text = "\n".join(sections)
+    print(text)
+    path = write_json(name, {"args": vars(args), **payload, "tables_md": text,
+                             "wall_s": time.perf_counter() - t_start})
+    print(f"\nwrote {path} ({time.perf_counter() - t_start:.0f}s)")
+    return path
+
+
 def table(rows: list[dict], cols: list[str], title: str = "") -> str:
     """A Markdown table (pasted as is into benchmarks/README.md)."""
     def fmt(v):

@@ -188,11 +188,7 @@ def main():
                            f"**{model_name}: SVD init of all {sel[0]['n_weights']} encoder linears, rank {C.RANK} (seconds, median of {args.repeats})**"))
     out.append(C.table(goals, ["model", "method", "time_x_exact", "solver_x_exact", "err_max"],
                        "**Goals: randomized <= 0.2 x exact time, error <= 1.01 x optimum**"))
-    text = "\n".join(out)
-    print(text)
-    path = C.write_json("init_svd", {"args": vars(args), "rows": rows, "goals": goals,
-                                     "tables_md": text, "wall_s": time.perf_counter() - t_start})
-    print(f"\nwrote {path} ({time.perf_counter() - t_start:.0f}s)")
+    C.finish("init_svd", out, args, t_start, rows=rows, goals=goals)
 
 
 if __name__ == "__main__":

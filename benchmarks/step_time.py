@@ -134,11 +134,7 @@ def main():
     out.append(C.table(goals, ["model", "targets", "shape", "ours_x_frozen-bwd", "ours_x_peft-lora",
                                "ours_x_peft-lorafa"],
                        "**Goals (ours = median over all four inits' steps, vs the median of the reference)**"))
-    text = "\n".join(out)
-    print(text)
-    path = C.write_json("step_time", {"args": vars(args), "rows": rows, "goals": goals,
-                                      "tables_md": text, "wall_s": time.perf_counter() - t_start})
-    print(f"\nwrote {path} ({time.perf_counter() - t_start:.0f}s)")
+    C.finish("step_time", out, args, t_start, rows=rows, goals=goals)
 
 
 if __name__ == "__main__":
