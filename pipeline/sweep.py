@@ -43,11 +43,18 @@ def grid(tasks, variants, inits, ranks, lrs, seeds, **common) -> list[RunConfig]
 
 
 def _status(cfg: RunConfig) -> str | None:
+    """The stored log's status, or None; a stored log made with another config (same run_id,
+    e.g. other epochs) is an error, so a sweep never skips it as if it were this run."""
     p = log_path(cfg.logs_dir, cfg.task, cfg.run_id)
     try:
-        return read_log(p).get("status") if p.exists() else None
+        old = read_log(p) if p.exists() else {}
     except ValueError:
         return None
+    diff = old.get("config") and cfg.differs_from(old["config"])
+    if diff:
+        raise ValueError(f"{p} holds a run with a different config ({diff}): delete it, or "
+                         "give this sweep another logs_dir or tag")
+    return old.get("status")
 
 
 def _as_list(x):
@@ -64,6 +71,8 @@ def run_configs(configs: list[RunConfig], retry_failed: bool = False, dry_run: b
         if not 0 <= k < n:
             raise ValueError(f"shard {k}/{n}: need 0 <= k < n")
         configs = configs[k::n]
+    for cfg in configs:  # report a conflicting stored log before anything runs
+        _status(cfg)
     results = []
     for i, cfg in enumerate(configs, 1):
         status = _status(cfg)

@@ -115,6 +115,12 @@ class RunConfig:
     def semantic(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in NON_SEMANTIC}
 
+    def differs_from(self, stored: dict) -> str:
+        """'' if a stored config (a log's or checkpoint's) gives the same result as this one,
+        else 'field: stored -> now' for each field that differs."""
+        now, old = self.semantic(), RunConfig.from_dict(stored).semantic()
+        return ", ".join(f"{k}: {old[k]!r} -> {now[k]!r}" for k in now if old[k] != now[k])
+
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         names = {f.name for f in fields(cls)}
@@ -319,8 +325,8 @@ def load_checkpoint(path: Path, cfg, accelerator, model, optimizer, scheduler) -
     from safetensors.torch import load_file
 
     state = L.read_log(path / "state.json")
-    if state["config"] != cfg.semantic():
-        diff = sorted(k for k in cfg.semantic() if state["config"].get(k) != cfg.semantic()[k])
+    diff = cfg.differs_from(state["config"])
+    if diff:
         raise ValueError(f"checkpoint {path} was made with a different config ({diff}); "
                          "delete it or change logs_dir/tag")
     if state["num_processes"] != accelerator.num_processes:
@@ -359,9 +365,10 @@ def run_experiment(config: RunConfig, on_end=None) -> dict:
     path = L.log_path(cfg.logs_dir, cfg.task, cfg.run_id)
     if path.exists():
         old = L.read_log(path)
-        if old.get("config") and RunConfig.from_dict(old["config"]).semantic() != cfg.semantic():
-            raise ValueError(f"{path} exists with a different config; use another logs_dir or "
-                             "tag, or delete it")
+        diff = old.get("config") and cfg.differs_from(old["config"])
+        if diff:
+            raise ValueError(f"{path} exists with a different config ({diff}); use another "
+                             "logs_dir or tag, or delete it")
         if old.get("status") == "complete":
             old["skipped"] = True
             return old

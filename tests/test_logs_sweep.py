@@ -78,6 +78,9 @@ def test_sweep_cli_runs_skips_and_loads(glue_dir, tmp_path, tiny_bert_dir, monke
     # a second sweep over the same grid runs nothing
     monkeypatch.setattr(S, "run_experiment", lambda cfg: pytest.fail(f"reran {cfg.run_id}"))
     assert S.main(argv) == 0
+    # ... and the same run ids with other epochs are refused (naming the field), not skipped
+    with pytest.raises(ValueError, match=r"epochs: 2 -> 3"):
+        S.main([a if a != "2" else "3" for a in argv])
 
     runs = L.load_logs(logs)
     assert len(runs) == 4 and set(runs["init"]) == {"kaiming", "svd"}
