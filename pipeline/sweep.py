@@ -147,6 +147,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="minilm")
     p.add_argument("--alpha", type=float, default=None, help="default: 2 * rank")
     p.add_argument("--targets", default="attention")
+    p.add_argument("--svd-split", default="sqrt", choices=["sqrt", "b"],
+                   help="svd inits: sqrt(S) on each side (PiSSA) or all of S in B (A orthonormal)")
+    p.add_argument("--svd-solver", default="exact", choices=["exact", "randomized"])
     p.add_argument("--reg-coeff", type=float, default=0.0)
     p.add_argument("--head-lr", type=float, default=None)
     p.add_argument("--epochs", type=int, default=3)
@@ -176,7 +179,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    common = dict(model=a.model, targets=a.targets, reg_coeff=a.reg_coeff, head_lr=a.head_lr,
+    common = dict(model=a.model, targets=a.targets, svd_split=a.svd_split,
+                  svd_solver=a.svd_solver, reg_coeff=a.reg_coeff, head_lr=a.head_lr,
                   epochs=a.epochs, batch_size=a.batch_size, eval_batch_size=a.eval_batch_size,
                   max_length=a.max_length, warmup_ratio=a.warmup_ratio,
                   weight_decay=a.weight_decay, grad_clip=a.grad_clip,

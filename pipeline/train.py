@@ -101,6 +101,11 @@ class RunConfig:
         if self.variant != "full" and self.targets != "attention":
             parts.append("t" + (self.targets if isinstance(self.targets, str)
                                 else "+".join(self.targets)))
+        if self.variant != "full" and self.init.startswith("svd"):
+            if self.svd_split != "sqrt":
+                parts.append(f"split{self.svd_split}")
+            if self.svd_solver != "exact":
+                parts.append(f"rsvd{self.niter}")
         if self.reg_coeff:
             parts.append(f"reg{fmt_float(self.reg_coeff)}")
         if self.head_lr is not None:

@@ -24,6 +24,9 @@ def test_run_id_readable_and_distinct():
     assert RunConfig(reg_coeff=0.01, subsample_train=64, seed=2, tag="x").run_id == \
         "mrpc-lorafa-svd-r8-lr5e-04-reg1e-02-n64-x-s2"
     assert RunConfig(rank=4, alpha=16).run_id.endswith("-r4-lr5e-04-a16-s0")
+    assert RunConfig(svd_split="b", svd_solver="randomized").run_id == \
+        "mrpc-lorafa-svd-r8-lr5e-04-splitb-rsvd4-s0"
+    assert RunConfig(init="orthogonal", svd_split="b").run_id.endswith("orthogonal-r8-lr5e-04-s0")
     with pytest.raises(ValueError, match="unknown variant"):
         RunConfig(variant="qlora")
     with pytest.raises(ValueError, match="unknown init"):
