@@ -132,7 +132,7 @@ def summarize(history: dict) -> None:
 # ---------------------------------------------------------------- reading many logs
 CONFIG_COLUMNS = ("task", "model", "variant", "init", "rank", "alpha", "targets", "lr",
                   "head_lr", "epochs", "batch_size", "seed", "reg_coeff", "subsample_train",
-                  "tag")
+                  "tag", "svd_split", "svd_solver")
 
 
 def iter_logs(logs_dir):

@@ -130,20 +130,23 @@ def steps_to_reach_baseline(curves: pd.DataFrame, runs: pd.DataFrame, metric: st
 
 # ---------------------------------------------------------------- presentation helpers
 METHODS = ["full FT", "LoRA (kaiming)", "LoRA (svd)", "LoRA-FA (kaiming)", "LoRA-FA (orthogonal)",
-           "LoRA-FA (svd)", "LoRA-FA (svd_minor)"]
+           "LoRA-FA (svd)", "LoRA-FA (svd_minor)", "LoRA-FA (svd, orthonormal A)"]
 
 
 # one colour per method in every figure (tab10 order)
 METHOD_COLORS = dict(zip(METHODS, ["#1f77b4", "#ff7f0e", "#8c564b", "#9467bd", "#2ca02c",
-                                   "#d62728", "#e377c2"]))
+                                   "#d62728", "#e377c2", "#17becf"]))
 
 
 def with_method(df: pd.DataFrame) -> pd.DataFrame:
-    """Add a readable 'method' column (variant + init), e.g. 'LoRA-FA (svd)', 'full FT'."""
+    """Add a readable 'method' column (variant + init), e.g. 'LoRA-FA (svd)', 'full FT';
+    SVD inits with all of S in B (``svd_split='b'``) read 'LoRA-FA (svd, orthonormal A)'."""
     df = df.copy()
     names = {"full": "full FT", "lora": "LoRA", "lorafa": "LoRA-FA"}
-    df["method"] = [names[v] if v == "full" else f"{names[v]} ({i})"
-                    for v, i in zip(df["variant"], df["init"])]
+    split = df["svd_split"] if "svd_split" in df else ["sqrt"] * len(df)
+    df["method"] = [names[v] if v == "full" else
+                    f"{names[v]} ({i}, orthonormal A)" if str(i).startswith("svd") and sp == "b"
+                    else f"{names[v]} ({i})" for v, i, sp in zip(df["variant"], df["init"], split)]
     return df
 
 

@@ -176,3 +176,16 @@ def test_run_variants_orders_by_seed_and_shards_split_without_overlap(tmp_path):
     assert sorted(halves[0] + halves[1]) == sorted(every) and not set(halves[0]) & set(halves[1])
     with pytest.raises(ValueError, match="no lr"):
         run_variants("mrpc", ["full"], inits={}, lrs={}, logs_dir=str(tmp_path), dry_run=True)
+
+
+def test_with_method_names_every_variant_and_the_svd_split():
+    import pandas as pd
+    df = pd.DataFrame({"variant": ["full", "lora", "lorafa", "lorafa", "lorafa"],
+                       "init": ["none", "kaiming", "svd", "svd", "orthogonal"],
+                       "svd_split": ["sqrt", "sqrt", "sqrt", "b", "b"]})
+    methods = list(P.with_method(df)["method"])
+    assert methods == ["full FT", "LoRA (kaiming)", "LoRA-FA (svd)",
+                       "LoRA-FA (svd, orthonormal A)", "LoRA-FA (orthogonal)"]
+    assert all(m in P.METHOD_COLORS for m in methods)
+    # logs from before svd_split was a column read as the default split
+    assert list(P.with_method(df.drop(columns="svd_split"))["method"])[3] == "LoRA-FA (svd)"
