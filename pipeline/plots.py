@@ -105,11 +105,15 @@ def steps_to_reach(curves: pd.DataFrame, metric: str, target: float,
 
 def steps_to_reach_baseline(curves: pd.DataFrame, runs: pd.DataFrame, metric: str,
                             baseline: dict, by=GROUP, which: str = "final",
-                            higher_is_better: bool = True) -> pd.DataFrame:
-    """How fast each group reaches the baseline's quality. Target = mean ``<which>_<metric>``
-    of the baseline runs (rows of ``runs`` matching every key of ``baseline``, e.g.
-    {"init": "kaiming", "lr": 5e-4}); per group of ``by``: mean/std of steps to reach it over
-    seeds, how many seeds reached it, and the speedup vs the baseline's own mean steps."""
+                            higher_is_better: bool = True, paired: bool = True) -> pd.DataFrame:
+    """How fast each group reaches the baseline's quality. Baseline runs are the rows of
+    ``runs`` matching every key of ``baseline`` (e.g. {"init": "orthogonal"}); their
+    ``<which>_<metric>`` is the target. ``paired`` (default): each run is held to the
+    baseline run of its own seed (same data order), so the baseline itself always reaches it
+    and runs of seeds without a baseline run are left out; else one target for all, the
+    baseline's mean. Per group of ``by``: mean/std of steps to the target over seeds, how many
+    seeds reached it, and the speedup vs the baseline's own mean steps. Column ``target`` is
+    the mean target."""
     by = _as_list(by)
     mask = np.ones(len(runs), dtype=bool)
     for k, v in baseline.items():
@@ -117,14 +121,21 @@ def steps_to_reach_baseline(curves: pd.DataFrame, runs: pd.DataFrame, metric: st
     base = runs[mask & (runs["status"] == "complete").to_numpy()]
     if base.empty:
         raise ValueError(f"no complete runs match baseline {baseline}")
-    target = float(base[f"{which}_{metric}"].mean())
-    per_run = steps_to_reach(curves, metric, target, higher_is_better)
+    col = f"{which}_{metric}"
+    if paired:
+        targets = base.groupby("seed")[col].mean()  # one baseline run per seed in a grid
+        per_run = pd.concat([steps_to_reach(curves[curves["seed"] == seed], metric, target,
+                                            higher_is_better)
+                             for seed, target in targets.items()], ignore_index=True)
+    else:
+        targets = base[col]
+        per_run = steps_to_reach(curves, metric, float(targets.mean()), higher_is_better)
     t = per_run.groupby(by, dropna=False)["steps_to_target"].agg(
         mean_steps="mean", std_steps="std", reached="count", n="size").reset_index()
     base_steps = per_run[per_run["run_id"].isin(base["run_id"])]["steps_to_target"].mean()
     t["speedup_vs_baseline"] = base_steps / t["mean_steps"]
-    t.attrs["target"] = target
-    t.insert(0, "target", target)
+    t.attrs["target"] = float(targets.mean())
+    t.insert(0, "target", float(targets.mean()))
     return t
 
 
@@ -219,14 +230,15 @@ def plot_convergence(conv: pd.DataFrame, ax=None, title: str | None = None):
             es.append(0.0 if np.isnan(row["std_steps"]) else row["std_steps"])
             notes.append(f"{int(row['reached'])}/{int(row['n'])}")
         bars = ax.bar(xs, ys, width, yerr=es, label=m, capsize=3, color=_color(m))
-        for b, note in zip(bars, notes):  # how many seeds reached the target at all
-            ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height()),
+        for b, e, note in zip(bars, es, notes):  # how many seeds reached the target at all
+            ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height() + e),
                         ha="center", va="bottom", fontsize=7, xytext=(0, 2),
                         textcoords="offset points")
     ax.set_xticks(range(len(tasks)), [t.upper() for t in tasks])
     ax.set_ylabel("optimizer steps to reach target")
-    ax.set_title(title or "Steps to reach the random-init LoRA-FA's best dev metric "
-                          "(label: seeds that reached it)")
+    ax.set_title(title or "Steps to reach the best dev metric of the random-init LoRA-FA run "
+                          "of the same seed\n(bar: mean ± std over the seeds that reached it; "
+                          "label: seeds that reached it)")
     ax.legend(fontsize="small", ncol=2)
     ax.grid(axis="y", alpha=0.3)
     return ax

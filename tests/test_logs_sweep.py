@@ -145,11 +145,22 @@ def test_results_table_and_curve_stats(fake_logs):
 def test_steps_to_reach_baseline(fake_logs):
     runs, curves = L.load_logs(fake_logs), L.load_curves(fake_logs)
     t = P.steps_to_reach_baseline(curves, runs, "accuracy", baseline={"init": "kaiming"},
-                                  by="init").set_index("init")
+                                  by="init", paired=False).set_index("init")
     # target = mean final kaiming accuracy = 0.7; kaiming reaches it at 30 and 20, svd at 10, 20
     assert t["target"].iloc[0] == pytest.approx(0.7)
     assert t.loc["kaiming", "mean_steps"] == 25 and t.loc["svd", "mean_steps"] == 15
     assert t.loc["svd", "speedup_vs_baseline"] == pytest.approx(25 / 15)
+    # paired: seed s is held to kaiming seed s's best (0.7 both), so the baseline reaches it in
+    # every seed, at its best step (30, 20); svd seed 0 at 10, seed 1 at 20
+    p = P.steps_to_reach_baseline(curves, runs, "accuracy", baseline={"init": "kaiming"},
+                                  by="init", which="best").set_index("init")
+    assert (p["reached"] == 2).all() and p.loc["kaiming", "mean_steps"] == 25
+    assert p.loc["svd", "mean_steps"] == 15
+    _fake_run(fake_logs, "svd", 2, [0.9, 0.9, 0.9])  # no kaiming seed 2: left out
+    runs, curves = L.load_logs(fake_logs), L.load_curves(fake_logs)
+    p = P.steps_to_reach_baseline(curves, runs, "accuracy", baseline={"init": "kaiming"},
+                                  by="init", which="best").set_index("init")
+    assert p.loc["svd", "n"] == 2
     never = P.steps_to_reach(curves, "accuracy", 0.95)
     assert never["steps_to_target"].isna().all()
 
