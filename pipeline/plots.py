@@ -244,6 +244,22 @@ def plot_convergence(conv: pd.DataFrame, ax=None, title: str | None = None):
     return ax
 
 
+def sweep_table(runs: pd.DataFrame, x: str = "lr", by: str = "method",
+                which: str = "final") -> pd.DataFrame:
+    """Wide table of a sweep: one row per ``by`` group, one column per value of ``x``, cells
+    'main metric / dev loss' (mean over seeds of the ``which`` values; blank: not run)."""
+    d = runs[runs["status"] == "complete"]
+    if d.empty:
+        raise ValueError("no complete runs in this sweep")
+    metric = d["main_metric"].dropna().iloc[0]
+    g = d.groupby([by, x])[[f"{which}_{metric}", f"{which}_dev_loss"]].mean()
+    cells = [f"{m:.3f} / {l:.3f}" for m, l in g.to_numpy()]
+    table = pd.Series(cells, index=g.index).unstack(x).fillna("")
+    table = table.loc[sorted(table.index, key=_method_key if by == "method" else str)]
+    table.columns = [f"{x} {v:g}" for v in table.columns]
+    return table
+
+
 def plot_metric_vs(runs: pd.DataFrame, x: str = "lr", metric: str | None = None,
                    by: str = "method", which: str = "final", ax=None, logx: bool = True,
                    title: str | None = None):

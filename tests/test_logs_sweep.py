@@ -112,12 +112,12 @@ def test_load_logs_rejects_corrupt_json(tmp_path):
 
 
 # ---------------------------------------------------------------- plots on synthetic logs
-def _fake_run(logs, init, seed, accs):
-    cfg = RunConfig(init=init, seed=seed, logs_dir=str(logs))
+def _fake_run(logs, init, seed, accs, lr=5e-4):
+    cfg = RunConfig(init=init, seed=seed, lr=lr, logs_dir=str(logs))
     h = {"schema_version": 1, "run_id": cfg.run_id, "status": "complete",
          "config": cfg.__dict__, "main_metric": "accuracy", "model": {"trainable_params": 1},
          "train": {"step": [1], "loss": [0.5], "lr": [1e-3]}, "wall_time_s": 1.0,
-         "evals": [{"step": 10 * (i + 1), "epoch": i + 1, "accuracy": a}
+         "evals": [{"step": 10 * (i + 1), "epoch": i + 1, "accuracy": a, "dev_loss": 1 - a}
                    for i, a in enumerate(accs)]}
     L.summarize(h)
     L.atomic_write_json(h, L.log_path(logs, "mrpc", cfg.run_id))
@@ -163,6 +163,15 @@ def test_steps_to_reach_baseline(fake_logs):
     assert p.loc["svd", "n"] == 2
     never = P.steps_to_reach(curves, "accuracy", 0.95)
     assert never["steps_to_target"].isna().all()
+
+
+def test_sweep_table_one_column_per_value(fake_logs):
+    _fake_run(fake_logs, "svd", 0, [0.4], lr=1e-3)
+    t = P.sweep_table(P.with_method(L.load_logs(fake_logs)), x="lr")
+    assert list(t.columns) == ["lr 0.0005", "lr 0.001"]
+    assert t.loc["LoRA-FA (svd)", "lr 0.0005"].startswith("0.850 / ")  # mean of 0.8 and 0.9
+    assert t.loc["LoRA-FA (svd)", "lr 0.001"].startswith("0.400 / ")
+    assert t.loc["LoRA-FA (kaiming)", "lr 0.001"] == ""  # not run
 
 
 def test_plot_curves_draws_bands(fake_logs):

@@ -52,7 +52,8 @@ def test_presentation_notebook_writes_the_figures(smoke_logs):
     tmp, logs = smoke_logs
     figures = tmp / "figures"
     execute("plots_for_preso.ipynb", tmp, logs_dir=str(logs), figures_dir=str(figures),
-            lr_sweep_dir=str(tmp / "absent"), regularization_dir=str(tmp / "reg"))
+            sweeps={"absent": [str(tmp / "absent"), "lr"],
+                    "regularization": [str(tmp / "reg"), "reg_coeff"]})
     written = {p.name for p in figures.iterdir()}
     assert {"mrpc_curves.png", "rte_curves.png", "cola_curves.png", "results_table.md",
             "results_table.csv", "convergence.png"} <= written
