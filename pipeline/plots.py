@@ -12,6 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .data import TASKS
+
+
+def task_label(task: str) -> str:
+    """GLUE's own spelling for figures and tables: 'cola' -> 'CoLA', 'stsb' -> 'STS-B'."""
+    return TASKS[task].folder if task in TASKS else str(task).upper()
+
 GROUP = ("task", "variant", "init", "rank", "lr")  # a configuration, seeds aside
 
 
@@ -47,12 +54,16 @@ def plot_curves(curves: pd.DataFrame, metric: str, by=("init",), x="step", ax=No
     stats = curve_stats(curves, metric, by, x)
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
-    for key, g in stats.groupby(by, sort=True):
+    for j, (key, g) in enumerate(stats.groupby(by, sort=True)):
         key = key if isinstance(key, tuple) else (key,)
         name = str(key[0]) if len(by) == 1 else ", ".join(f"{b}={k}" for b, k in zip(by, key))
         if by == ["reg_coeff"]:
             name = f"reg_coeff={key[0]:g}"
-        line, = ax.plot(g[x], g["mean"], marker="o", markersize=3, color=_color(name),
+        # per-step train loss: no markers (they would hide the line); eval points: a distinct,
+        # shrinking marker per group, so identical lines (two runs at chance) stay visible
+        dense = len(g) > 60
+        line, = ax.plot(g[x], g["mean"], marker=None if dense else "osD^v"[j % 5],
+                        markersize=6 - (j % 4), alpha=0.85, color=_color(name),
                         label=f"{name} (n={g['count'].max()})")
         if band:
             ax.fill_between(g[x], g["mean"] - g["std"], g["mean"] + g["std"],
@@ -181,13 +192,17 @@ def plot_task(runs: pd.DataFrame, eval_curves: pd.DataFrame, train_curves: pd.Da
     tr["value"] = tr.groupby("run_id")["value"].transform(
         lambda v: v.rolling(smooth, min_periods=1).mean())
     ev = eval_curves[eval_curves["task"] == task]
+    # a run still going would pull the mean and n of a seed band; the table skips it too
+    tr, ev = tr[tr["status"] == "complete"], ev[ev["status"] == "complete"]
+    if ev.empty:
+        raise ValueError(f"no complete runs for task {task!r} yet: finish or resume them first")
     plot_curves(tr, "loss", by=(by,), ax=ax_loss)
     plot_curves(ev, metric, by=(by,), ax=ax_dev)
     ax_loss.set_ylabel(f"train loss (mean of {smooth} steps)")
     ax_dev.set_ylabel(f"dev {metric}")
     for ax in (ax_loss, ax_dev):
         ax.set_xlabel("optimizer step")
-    fig.suptitle(title or f"{task.upper()}: mean ± std over seeds")
+    fig.suptitle(title or f"{task_label(task)}: mean ± std over seeds (complete runs)")
     fig.tight_layout()
     return fig
 
@@ -200,7 +215,7 @@ def final_results(runs: pd.DataFrame, which: str = "best", by: str = "method") -
     for task, g in d.groupby("task", sort=True):
         metric = g["main_metric"].dropna().iloc[0]
         t = results_table(g, metric, by=(by,), which=which)
-        cols[f"{task} {metric}"] = {k: f"{m:.3f} ± {s:.3f} (n={n})"
+        cols[f"{task_label(task)} {metric}"] = {k: f"{m:.3f} ± {s:.3f} (n={n})"
                                     for k, m, s, n in zip(t[by], t["mean"], t["std"], t["n"])}
     table = pd.DataFrame(cols).fillna("not run")
     table = table.loc[sorted(table.index, key=_method_key if by == "method" else str)]
@@ -234,7 +249,7 @@ def plot_convergence(conv: pd.DataFrame, ax=None, title: str | None = None):
             ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height() + e),
                         ha="center", va="bottom", fontsize=7, xytext=(0, 2),
                         textcoords="offset points")
-    ax.set_xticks(range(len(tasks)), [t.upper() for t in tasks])
+    ax.set_xticks(range(len(tasks)), [task_label(t) for t in tasks])
     ax.set_ylabel("optimizer steps to reach target")
     ax.set_title(title or "Steps to reach the best dev metric of the random-init LoRA-FA run "
                           "of the same seed\n(bar: mean ± std over the seeds that reached it; "
