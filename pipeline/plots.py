@@ -244,12 +244,17 @@ def plot_convergence(conv: pd.DataFrame, ax=None, title: str | None = None):
             ys.append(0.0 if np.isnan(row["mean_steps"]) else row["mean_steps"])
             es.append(0.0 if np.isnan(row["std_steps"]) else row["std_steps"])
             notes.append(f"{int(row['reached'])}/{int(row['n'])}")
-        bars = ax.bar(xs, ys, width, yerr=es, label=m, capsize=3, color=_color(m))
+        # std bars clipped at 0 steps (a count of steps is never negative)
+        bars = ax.bar(xs, ys, width, yerr=[np.minimum(es, ys), es], label=m, capsize=3,
+                      color=_color(m))
         for b, e, note in zip(bars, es, notes):  # how many seeds reached the target at all
             ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height() + e),
                         ha="center", va="bottom", fontsize=7, xytext=(0, 2),
                         textcoords="offset points")
-    ax.set_xticks(range(len(tasks)), [task_label(t) for t in tasks])
+    # the target under each task: a target at chance (e.g. MCC 0) makes that task's bars moot
+    targets = conv.groupby("task")["target"].first()
+    ax.set_xticks(range(len(tasks)), [f"{task_label(t)}\n(target {targets[t]:.3f})"
+                                      for t in tasks])
     ax.set_ylabel("optimizer steps to reach target")
     ax.set_title(title or "Steps to reach the best dev metric of the random-init LoRA-FA run "
                           "of the same seed\n(bar: mean ± std over the seeds that reached it; "
