@@ -56,6 +56,30 @@ def test_svd_init_is_the_rank_r_truncation_float64(split):
         torch.testing.assert_close(a.norm(), b.norm(), atol=1e-10, rtol=0)
 
 
+def test_sqrt_split_is_the_b_split_with_a_per_direction_lr_float64():
+    """The README's claim: with A frozen and Adam, the PiSSA (sqrt) split moves B exactly as
+    the S-in-B split does (Adam divides out B's column scale D = sqrt(S/s)), so the output
+    moves by dB D V^T instead of dB V^T: direction i's lr is multiplied by D_i."""
+    torch.manual_seed(0)
+    w = torch.randn(12, 10, dtype=torch.float64)
+    x, target = torch.randn(16, 10, dtype=torch.float64), torch.randn(16, 12, dtype=torch.float64)
+    r, s, lr = 3, 2.0, 1e-2
+    deltas = {}
+    for split in ("sqrt", "b"):
+        a, b, w_res = inits.svd(w, r, s, svd_split=split)
+        b = b.clone().requires_grad_()
+        opt = torch.optim.Adam([b], lr=lr, eps=1e-30)
+        (((x @ (w_res + s * b @ a).T) - target) ** 2).mean().backward()
+        b0 = b.detach().clone()
+        opt.step()
+        deltas[split] = (b.detach() - b0, a)
+    (db_q, a_q), (db_b, a_b) = deltas["sqrt"], deltas["b"]
+    torch.testing.assert_close(db_q, db_b, atol=1e-15, rtol=1e-12)  # same step on B
+    d = torch.linalg.svdvals(w)[:r].div(s).sqrt()
+    torch.testing.assert_close(a_q, d[:, None] * a_b, atol=1e-12, rtol=0)  # A_sqrt = D V^T
+    assert not torch.allclose(s * db_q @ a_q, s * db_b @ a_b)  # so the output moves differently
+
+
 def test_svd_minor_takes_the_smallest_components_float64():
     w = torch.randn(30, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     a, b, w_res = inits.svd_minor(w, 4, 0.5)
