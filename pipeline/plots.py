@@ -215,8 +215,9 @@ def final_results(runs: pd.DataFrame, which: str = "best", by: str = "method") -
     for task, g in d.groupby("task", sort=True):
         metric = g["main_metric"].dropna().iloc[0]
         t = results_table(g, metric, by=(by,), which=which)
-        cols[f"{task_label(task)} {metric}"] = {k: f"{m:.3f} ± {s:.3f} (n={n})"
-                                    for k, m, s, n in zip(t[by], t["mean"], t["std"], t["n"])}
+        cols[f"{task_label(task)} {metric}"] = {
+            k: f"{m:.3f} ± {s:.3f} (n={n})"
+            for k, m, s, n in zip(t[by], t["mean"], t["std"], t["n"])}
     table = pd.DataFrame(cols).fillna("not run")
     table = table.loc[sorted(table.index, key=_method_key if by == "method" else str)]
     table.index.name = by
