@@ -46,13 +46,15 @@ experiments: setup
 	    $(BIN)/papermill --log-output $${nb}_experiment.ipynb runs/$${nb}_experiment.ipynb || exit 1; done
 	$(MAKE) followups plots
 
-# The follow-up checks in the README: SVD init with S in B (MRPC), LoRA-FA lr on CoLA, and
+# The follow-up checks in the README: SVD init with S in B (MRPC), LoRA-FA lr on CoLA (both
+# inits at 1e-3, orthogonal at 2e-2), and
 # SVD (sqrt split) at lr 5e-3 / 1.33 on MRPC.
 SWEEP := $(BIN)/python -m pipeline.sweep --variant lorafa --eval-every-steps 20
 followups: setup
 	$(SWEEP) --task mrpc --init svd --svd-split b --lr 5e-3 --seeds 0 1 2 --epochs 1
 	$(SWEEP) --task cola --init orthogonal --lr 1e-3 2e-2 --seeds 0 --epochs 3 \
 	    --logs-dir logs/lr_sweep_cola
+	$(SWEEP) --task cola --init svd --lr 1e-3 --seeds 0 --epochs 3 --logs-dir logs/lr_sweep_cola
 	$(SWEEP) --task mrpc --init svd --lr 3.75e-3 --seeds 0 1 2 --epochs 1 --logs-dir logs/svd_lr
 
 plots: setup

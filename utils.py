@@ -5,7 +5,7 @@ from pipeline.logs import load_curves, load_logs, read_log  # noqa: F401
 from pipeline.models import resolve_model  # noqa: F401
 from pipeline.plots import (curve_stats, final_results, plot_convergence, plot_curves,  # noqa: F401
                             plot_metric_vs, plot_task, results_table, steps_to_reach,
-                            steps_to_reach_baseline, sweep_table, with_method)
+                            steps_to_reach_baseline, sweep_table, task_label, with_method)
 from pipeline.sweep import grid, run_sweep, run_variants  # noqa: F401
 from pipeline.train import RunConfig, compute_metrics, evaluate, run_experiment  # noqa: F401
 
