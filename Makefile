@@ -47,8 +47,7 @@ experiments: setup
 	$(MAKE) followups plots
 
 # The follow-up checks in the README: SVD init with S in B (MRPC), LoRA-FA lr on CoLA (both
-# inits at 1e-3, orthogonal at 2e-2), and
-# SVD (sqrt split) at lr 5e-3 / 1.33 on MRPC.
+# inits at 1e-3, orthogonal at 2e-2), and SVD (sqrt split) at lr 5e-3 / 1.33 on MRPC.
 SWEEP := $(BIN)/python -m pipeline.sweep --variant lorafa --eval-every-steps 20
 followups: setup
 	$(SWEEP) --task mrpc --init svd --svd-split b --lr 5e-3 --seeds 0 1 2 --epochs 1

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import time
 from dataclasses import fields
 
-from .logs import log_path, read_log
-from .train import RunConfig, run_experiment
+from .train import RunConfig, run_experiment, stored_log
 
 
 def _print(*a):
@@ -43,18 +43,13 @@ def grid(tasks, variants, inits, ranks, lrs, seeds, **common) -> list[RunConfig]
 
 
 def _status(cfg: RunConfig) -> str | None:
-    """The stored log's status, or None; a stored log made with another config (same run_id,
-    e.g. other epochs) is an error, so a sweep never skips it as if it were this run."""
-    p = log_path(cfg.logs_dir, cfg.task, cfg.run_id)
+    """The stored log's status (None: no log, or unreadable JSON); a stored log made with
+    another config raises (``stored_log``)."""
     try:
-        old = read_log(p) if p.exists() else {}
-    except ValueError:
+        old = stored_log(cfg)
+    except (json.JSONDecodeError, UnicodeDecodeError):  # a corrupt file: run it again
         return None
-    diff = old.get("config") and cfg.differs_from(old["config"])
-    if diff:
-        raise ValueError(f"{p} holds a run with a different config ({diff}): delete it, or "
-                         "give this sweep another logs_dir or tag")
-    return old.get("status")
+    return old.get("status") if old else None
 
 
 def _as_list(x):
@@ -71,11 +66,9 @@ def run_configs(configs: list[RunConfig], retry_failed: bool = False, dry_run: b
         if not 0 <= k < n:
             raise ValueError(f"shard {k}/{n}: need 0 <= k < n")
         configs = configs[k::n]
-    for cfg in configs:  # report a conflicting stored log before anything runs
-        _status(cfg)
+    statuses = [_status(cfg) for cfg in configs]  # a conflicting log stops the sweep up front
     results = []
-    for i, cfg in enumerate(configs, 1):
-        status = _status(cfg)
+    for i, (cfg, status) in enumerate(zip(configs, statuses), 1):
         head = f"[{i}/{len(configs)}] {cfg.run_id}"
         if dry_run:
             _print(f"{head}: {status or 'todo'}")

@@ -352,6 +352,20 @@ def load_checkpoint(path: Path, cfg, accelerator, model, optimizer, scheduler) -
 
 
 # ---------------------------------------------------------------- the loop
+def stored_log(cfg: RunConfig) -> dict | None:
+    """The log stored under ``cfg.run_id``, or None. One made with another config (same
+    run_id, e.g. other epochs) is an error naming the fields, never taken for this run."""
+    path = L.log_path(cfg.logs_dir, cfg.task, cfg.run_id)
+    if not path.exists():
+        return None
+    old = L.read_log(path)
+    diff = old.get("config") and cfg.differs_from(old["config"])
+    if diff:
+        raise ValueError(f"{path} holds a run with a different config ({diff}): delete it, or "
+                         "use another logs_dir or tag")
+    return old
+
+
 def run_experiment(config: RunConfig, on_end=None) -> dict:
     """Train and evaluate one config; returns the history dict (schema in pipeline.logs).
 
@@ -368,15 +382,10 @@ def run_experiment(config: RunConfig, on_end=None) -> dict:
     cfg = config
     spec = get_task(cfg.task)
     path = L.log_path(cfg.logs_dir, cfg.task, cfg.run_id)
-    if path.exists():
-        old = L.read_log(path)
-        diff = old.get("config") and cfg.differs_from(old["config"])
-        if diff:
-            raise ValueError(f"{path} exists with a different config ({diff}); use another "
-                             "logs_dir or tag, or delete it")
-        if old.get("status") == "complete":
-            old["skipped"] = True
-            return old
+    old = stored_log(cfg)
+    if old is not None and old.get("status") == "complete":
+        old["skipped"] = True
+        return old
 
     # accelerate only treats torchrun/`accelerate launch` env vars as multi-CPU (gloo) when told
     # cpu=True; without a GPU that is the only sensible device anyway
