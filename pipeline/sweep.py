@@ -197,4 +197,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as e:  # bad input or a conflicting stored log: one line, not a traceback
+        sys.exit(f"error: {e}")

@@ -104,6 +104,15 @@ def test_sweep_dry_run_cli(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
+def test_sweep_cli_refuses_a_conflicting_log_in_one_line(tmp_path):
+    _fake_run(tmp_path, "svd", 0, [0.7])  # stored with epochs=3 (the RunConfig default)
+    out = subprocess.run([sys.executable, "-m", "pipeline.sweep", "--init", "svd", "--lr", "5e-4",
+                          "--epochs", "1", "--logs-dir", str(tmp_path), "--dry-run"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "epochs: 3 -> 1" in out.stderr
+
+
 def test_load_logs_rejects_corrupt_json(tmp_path):
     (tmp_path / "mrpc").mkdir()
     (tmp_path / "mrpc" / "bad.json").write_text("{not json")
