@@ -1,4 +1,5 @@
 """GLUE loading (offline folder and hub path), tokenisation, dynamic padding, batching."""
+import csv
 from collections import Counter
 
 import pytest
@@ -21,8 +22,8 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("task,split", sorted(EXPECTED))
-def test_folder_counts_and_labels(glue_dir, task, split):
-    ex = D.load_examples(task, split, glue_dir)
+def test_folder_counts_and_labels(real_glue_dir, task, split):
+    ex = D.load_examples(task, split, real_glue_dir)
     n, counts = EXPECTED[(task, split)]
     assert len(ex) == n
     assert dict(Counter(e["label"] for e in ex)) == counts
@@ -31,8 +32,9 @@ def test_folder_counts_and_labels(glue_dir, task, split):
     assert all((e["sentence2"] is not None) == pair for e in ex)
 
 
-def test_folder_stsb_scores(glue_dir):
-    tr, dev = D.load_examples("stsb", "train", glue_dir), D.load_examples("stsb", "dev", glue_dir)
+def test_folder_stsb_scores(real_glue_dir):
+    tr = D.load_examples("stsb", "train", real_glue_dir)
+    dev = D.load_examples("stsb", "dev", real_glue_dir)
     assert (len(tr), len(dev)) == (5749, 1500)
     assert round(sum(e["label"] for e in tr) / len(tr), 3) == 2.701
     assert round(sum(e["label"] for e in dev) / len(dev), 3) == 2.364
@@ -40,14 +42,54 @@ def test_folder_stsb_scores(glue_dir):
                       "sentence2": "A man wearing a hard hat is dancing.", "label": 5.0}
 
 
-def test_folder_row_content(glue_dir):
-    mrpc = D.load_examples("mrpc", "train", glue_dir)
+def test_folder_row_content(real_glue_dir):
+    mrpc = D.load_examples("mrpc", "train", real_glue_dir)
     assert mrpc[0]["sentence1"].startswith("Amrozi accused his brother")  # no BOM, no header
     assert mrpc[0]["label"] == 1
     assert '" the witness "' in mrpc[0]["sentence1"]  # quotes kept verbatim (QUOTE_NONE)
-    cola = D.load_examples("cola", "dev", glue_dir)
+    cola = D.load_examples("cola", "dev", real_glue_dir)
     assert cola[-1]["sentence1"] and cola[-1]["label"] in (0, 1)  # last line has no newline
     assert cola[0]["sentence2"] is None
+
+
+# ---------------------------------------------------------------- the tiny synthetic folder
+TINY = [(t, s) for t in ("mrpc", "rte", "cola", "stsb", "sst2", "wnli") for s in ("train", "dev")]
+
+
+def test_tiny_folder_is_what_make_glue_writes(glue_dir, tmp_path):
+    from tests.fixtures.make_glue import main
+    main(tmp_path)
+    files = sorted(p.relative_to(glue_dir) for p in glue_dir.rglob("*.tsv"))
+    assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.tsv"))
+    assert all((glue_dir / f).read_bytes() == (tmp_path / f).read_bytes() for f in files)
+
+
+@pytest.mark.parametrize("task,split", TINY + [("qnli", "dev")])
+def test_tiny_folder_loads_with_both_classes(glue_dir, task, split):
+    ex = D.load_examples(task, split, glue_dir)
+    assert len(ex) >= (64 if split == "train" else 32)
+    labels = {e["label"] for e in ex}
+    if D.get_task(task).is_regression:
+        assert all(isinstance(y, float) and 0 <= y <= 5 for y in labels) and len(labels) > 5
+    else:
+        assert labels == {0, 1} and {e["label"] for e in ex[:16]} == {0, 1}  # subsamples too
+    pair = D.get_task(task).hf_columns[1] is not None
+    assert all(e["sentence1"] and (e["sentence2"] is not None) == pair for e in ex)
+
+
+def test_tiny_folder_has_the_format_traps(glue_dir):
+    mrpc = glue_dir / "MRPC" / "train.tsv"
+    assert mrpc.read_bytes().startswith(b"\xef\xbb\xbfQuality\t#1 ID")  # BOM + header
+    assert not D.load_examples("mrpc", "train", glue_dir)[0]["sentence1"].startswith("\ufeff")
+    rte = glue_dir / "RTE" / "train.tsv"  # stray quotes: default csv quoting would merge rows
+    with open(rte, newline="") as f:
+        quoted_rows = len(list(csv.reader(f, delimiter="\t"))) - 1
+    assert quoted_rows < len(D.load_examples("rte", "train", glue_dir))
+    cola = glue_dir / "CoLA" / "dev.tsv"
+    assert not cola.read_bytes().endswith(b"\n") and cola.read_text().count("\t") % 3 == 0
+    stsb = (glue_dir / "STS-B" / "dev.tsv").read_text().splitlines()
+    assert len(stsb[0].split("\t")) == 10 and stsb[0].endswith("\tscore")
+    assert not (glue_dir / "QNLI" / "train.tsv").exists()
 
 
 def test_subsample_keeps_first_n(glue_dir):
