@@ -8,11 +8,15 @@ STS-B a float score in [0, 5]).
 
 Folder source: ``<glue_dir>/<TASK>/{train,dev}.tsv`` as written by download_glue_data.py, read
 tab-separated with quoting disabled (GLUE text has unbalanced quotes) and ``utf-8-sig`` (MRPC
-files start with a BOM). Rows that do not parse raise; nothing is dropped silently.
+files start with a BOM). A file that is empty, not UTF-8, or has a row with the wrong field
+count or a label out of range (a class id outside the task's classes, an STS-B score that is
+not a finite number in [0, 5]) raises one line naming ``file:line``; nothing is dropped.
 """
 from __future__ import annotations
 
 import csv
+import io
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +26,7 @@ from transformers import DataCollatorWithPadding
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_GLUE_DIR = REPO_ROOT.parent / "shared" / "glue"  # the offline copy next to the repo
+HUB = "hub"  # the glue_dir value (and resolve_glue_dir result) that means the HuggingFace hub
 
 
 class GlueFormatError(ValueError):
@@ -38,6 +43,7 @@ class TaskSpec:
     # folder files: column of each field, by header name (or int index for headerless files)
     tsv_columns: tuple  # (sentence1, sentence2 or None, label)
     tsv_header: bool = True
+    tsv_fields: int | None = None  # headerless files: the field count (else the header's)
     label_map: dict | None = None  # string label in the tsv -> HF id (None: int or float column)
     splits: dict = field(default_factory=lambda: {"train": "train", "dev": "validation"})
     tsv_files: dict = field(default_factory=lambda: {"train": "train.tsv", "dev": "dev.tsv"})
@@ -51,7 +57,7 @@ class TaskSpec:
 _NLI2 = {"entailment": 0, "not_entailment": 1}
 TASKS = {t.name: t for t in [
     TaskSpec("cola", "CoLA", "cola", 2, ("sentence", None), (3, None, 1), tsv_header=False,
-             metrics=("matthews",)),
+             tsv_fields=4, metrics=("matthews",)),
     TaskSpec("sst2", "SST-2", "sst2", 2, ("sentence", None), ("sentence", None, "label")),
     TaskSpec("mrpc", "MRPC", "mrpc", 2, ("sentence1", "sentence2"),
              ("#1 String", "#2 String", "Quality"), metrics=("accuracy", "f1")),
@@ -93,14 +99,15 @@ def _split_key(spec: TaskSpec, split: str) -> str:
     return key
 
 
-def resolve_glue_dir(glue_dir: str | os.PathLike | None = None) -> Path | None:
+def resolve_glue_dir(glue_dir: str | os.PathLike | None = None) -> Path | str:
     """Where GLUE comes from: ``glue_dir`` if given ('hub' forces the hub), else $GLUE_DIR, else
-    the offline copy at ``<repo>/../shared/glue`` if it exists, else None (= the hub)."""
+    the offline copy at ``<repo>/../shared/glue`` if it exists, else the hub. Returns the folder
+    or ``HUB``; pass the result on to ``load_examples`` (it resolves to itself)."""
     if glue_dir is None:
         glue_dir = os.environ.get("GLUE_DIR") or (
-            str(DEFAULT_GLUE_DIR) if DEFAULT_GLUE_DIR.is_dir() else None)
-    if glue_dir is None or str(glue_dir).lower() == "hub":
-        return None
+            str(DEFAULT_GLUE_DIR) if DEFAULT_GLUE_DIR.is_dir() else HUB)
+    if str(glue_dir).lower() == HUB:
+        return HUB
     path = Path(glue_dir).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"GLUE folder {path} does not exist: set GLUE_DIR / --glue-dir "
@@ -108,51 +115,85 @@ def resolve_glue_dir(glue_dir: str | os.PathLike | None = None) -> Path | None:
     return path
 
 
-# ---------------------------------------------------------------- folder source
+# ---------------------------------------------------------------- labels (both sources)
+def label_problem(spec: TaskSpec, label) -> str | None:
+    """Why ``label`` (a number) is not a valid label of the task, or None when it is."""
+    if spec.is_regression:
+        ok = isinstance(label, (int, float)) and math.isfinite(label) and 0 <= label <= 5
+        return None if ok else f"score {label!r} is not a finite number in [0, 5]"
+    ok = isinstance(label, int) and not isinstance(label, bool) and 0 <= label < spec.num_labels
+    return None if ok else f"label {label!r} is not a class id in [0, {spec.num_labels})"
+
+
 def _parse_label(spec: TaskSpec, raw: str):
+    """The label of a tsv field; raises ValueError saying why it is not one."""
     if spec.label_map is not None:
-        return spec.label_map[raw]  # KeyError -> reported as a bad row
-    return float(raw) if spec.is_regression else int(raw)
+        if raw not in spec.label_map:
+            raise ValueError(f"label {raw!r} is not one of {sorted(spec.label_map)}")
+        return spec.label_map[raw]
+    try:
+        label = float(raw) if spec.is_regression else int(raw)
+    except ValueError:
+        label = raw
+    problem = label_problem(spec, label)
+    if problem:
+        raise ValueError(problem)
+    return label
+
+
+# ---------------------------------------------------------------- folder source
+def _read_rows(path: Path) -> list[list[str]]:
+    """The tab-separated rows of a file (BOM dropped), one per line; a byte sequence that is not
+    UTF-8 is reported with its line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise GlueFormatError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); "
+                              "re-download the file or convert it to UTF-8") from None
+    return list(csv.reader(io.StringIO(text, newline=""), delimiter="\t",
+                           quoting=csv.QUOTE_NONE))
 
 
 def read_tsv(spec: TaskSpec, path: Path) -> list[dict]:
-    """Parse one GLUE tsv into examples; raise GlueFormatError listing how many rows failed."""
+    """Parse one GLUE tsv into examples; a bad row raises GlueFormatError at its line (the first
+    one, with the count of bad rows)."""
     if not path.is_file():
         raise FileNotFoundError(f"GLUE file not found: {path} (expected GLUE layout "
                                 f"<glue_dir>/{spec.folder}/<split>.tsv; fix GLUE_DIR or use 'hub')")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = _read_rows(path)
     first_line = 1
     s1, s2, lab = spec.tsv_columns
-    if spec.tsv_header:
-        if not rows:
-            raise GlueFormatError(f"{path}: empty file, expected a header line")
+    n_fields = spec.tsv_fields
+    if spec.tsv_header and rows:
         header, rows, first_line = rows[0], rows[1:], 2
         try:
             s1, s2, lab = (None if c is None else c if isinstance(c, int) else header.index(c)
                            for c in spec.tsv_columns)
         except ValueError:
             raise GlueFormatError(f"{path}:1: header {header} lacks one of the columns "
-                                  f"{[c for c in spec.tsv_columns if isinstance(c, str)]}") from None
+                                  f"{[c for c in spec.tsv_columns if isinstance(c, str)]}; "
+                                  "re-download the file") from None
         n_fields = len(header)
-    else:
-        n_fields = len(rows[0]) if rows else 0
+    if not rows:
+        what = "header only" if first_line == 2 else "empty file"
+        raise GlueFormatError(f"{path}: no rows ({what}); re-download the file")
     examples, bad = [], []
-    for i, row in enumerate(rows):
-        lineno = first_line + i
+    for lineno, row in enumerate(rows, start=first_line):
         if len(row) != n_fields:
-            bad.append(f"line {lineno}: expected {n_fields} tab-separated fields, got {len(row)}")
+            bad.append(f"{lineno}: expected {n_fields} tab-separated fields, got {len(row)}")
             continue
         try:
             label = _parse_label(spec, row[lab])
-        except (KeyError, ValueError):
-            bad.append(f"line {lineno}: bad label {row[lab]!r}")
+        except ValueError as e:
+            bad.append(f"{lineno}: {e}")
             continue
         examples.append({"sentence1": row[s1], "sentence2": None if s2 is None else row[s2],
                          "label": label})
     if bad:
-        raise GlueFormatError(f"{path}: {len(bad)} unparsable row(s) of {len(rows)}, first at "
-                              f"{bad[0]}; fix or re-download the file (no rows are dropped)")
+        raise GlueFormatError(f"{path}:{bad[0]} ({len(bad)} bad row(s) of {len(rows)}); fix or "
+                              "re-download the file (rows are never dropped)")
     return examples
 
 
@@ -171,23 +212,24 @@ def _load_hub(spec: TaskSpec, split_key: str) -> list[dict]:
     out = []
     for i, row in enumerate(ds):
         label = row["label"]
-        if label is None or (not spec.is_regression and not 0 <= int(label) < spec.num_labels):
+        label = float(label) if spec.is_regression and isinstance(label, (int, float)) else label
+        problem = label_problem(spec, label)
+        if problem:
             raise GlueFormatError(f"hub nyu-mll/glue/{spec.hf_name}/{spec.splits[split_key]} "
-                                  f"row {i}: label {label!r} (hidden test labels?); use a "
-                                  "labelled split")
+                                  f"row {i}: {problem} (hidden test labels?); use a labelled split")
         out.append({"sentence1": row[c1], "sentence2": None if c2 is None else row[c2],
-                    "label": float(label) if spec.is_regression else int(label)})
+                    "label": label})
     return out
 
 
 def load_examples(task: str, split: str = "train", glue_dir=None,
                   subsample: int | None = None) -> list[dict]:
-    """Examples of one split from the folder (see resolve_glue_dir) or the hub.
-    ``subsample``: keep the first N (smoke runs)."""
+    """Examples of one split from the folder or the hub (``glue_dir``: see resolve_glue_dir;
+    ``HUB`` = 'hub' always means the hub). ``subsample``: keep the first N (smoke runs)."""
     spec = get_task(task)
     key = _split_key(spec, split)
     folder = resolve_glue_dir(glue_dir)
-    if folder is None:
+    if folder == HUB:
         examples = _load_hub(spec, key)
     else:
         examples = read_tsv(spec, folder / spec.folder / spec.tsv_files[key])

@@ -121,14 +121,76 @@ def test_malformed_rows_raise_with_file_and_line(tmp_path):
     with pytest.raises(D.GlueFormatError) as e:
         D.load_examples("rte", "train", tmp_path)
     msg = str(e.value)
-    assert "RTE/train.tsv" in msg and "2 unparsable row(s) of 4" in msg and "line 3" in msg
-    assert "\n" not in msg
+    assert msg == (f"{tmp_path}/RTE/train.tsv:3: expected 4 tab-separated fields, got 3 "
+                   "(2 bad row(s) of 4); fix or re-download the file (rows are never dropped)")
     _write(tmp_path, "CoLA", "dev.tsv", "src\t1\t\tok\nsrc\tx\t\tbad label\n")
-    with pytest.raises(D.GlueFormatError, match=r"CoLA/dev\.tsv.*line 2: bad label 'x'"):
+    with pytest.raises(D.GlueFormatError, match=r"CoLA/dev\.tsv:2: label 'x' is not a class id"):
         D.load_examples("cola", "dev", tmp_path)
     _write(tmp_path, "MRPC", "dev.tsv", "Quality\tWrong\tHeader\n1\ta\tb\n")
-    with pytest.raises(D.GlueFormatError, match="lacks one of the columns"):
+    with pytest.raises(D.GlueFormatError, match=r"MRPC/dev\.tsv:1: header .* lacks one of the"):
         D.load_examples("mrpc", "dev", tmp_path)
+
+
+RTE_HEADER = "index\tsentence1\tsentence2\tlabel\n"
+STSB_HEADER = ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\t"
+               "sentence2\tscore\n")
+
+
+def stsb_row(score):
+    return f"0\tg\tf\t2024\t0\tnone\tnone\ta\tb\t{score}\n"
+
+
+@pytest.mark.parametrize("task_dir,task,text,message", [
+    ("WNLI", "wnli", RTE_HEADER + "0\ta\tb\t1\n1\ta\tb\t2\n",
+     r"WNLI/dev\.tsv:3: label 2 is not a class id in \[0, 2\) \(1 bad row\(s\) of 2\)"),
+    ("WNLI", "wnli", RTE_HEADER + "0\ta\tb\t-1\n", r"WNLI/dev\.tsv:2: label -1 is not a class id"),
+    ("CoLA", "cola", "s\t3\t\tx\n", r"CoLA/dev\.tsv:1: label 3 is not a class id in \[0, 2\)"),
+    ("RTE", "rte", RTE_HEADER + "0\ta\tb\tentailed\n",
+     r"RTE/dev\.tsv:2: label 'entailed' is not one of \['entailment', 'not_entailment'\]"),
+    ("STS-B", "stsb", STSB_HEADER + stsb_row(4.5) + stsb_row("nan"),
+     r"STS-B/dev\.tsv:3: score nan is not a finite number in \[0, 5\]"),
+    ("STS-B", "stsb", STSB_HEADER + stsb_row("inf"), r"STS-B/dev\.tsv:2: score inf is not a finite"),
+    ("STS-B", "stsb", STSB_HEADER + stsb_row(5.5), r"STS-B/dev\.tsv:2: score 5\.5 is not a finite"),
+    ("STS-B", "stsb", STSB_HEADER + stsb_row(-0.25), r"STS-B/dev\.tsv:2: score -0\.25 is not"),
+    ("STS-B", "stsb", STSB_HEADER + stsb_row("high"), r"STS-B/dev\.tsv:2: score 'high' is not"),
+])
+def test_labels_out_of_range_refused_at_their_line(tmp_path, task_dir, task, text, message):
+    _write(tmp_path, task_dir, "dev.tsv", text)
+    with pytest.raises(D.GlueFormatError, match=message) as e:
+        D.load_examples(task, "dev", tmp_path)
+    assert "\n" not in str(e.value) and str(e.value).endswith("(rows are never dropped)")
+
+
+@pytest.mark.parametrize("task_dir,task,text,message", [
+    ("RTE", "rte", "", "RTE/dev.tsv: no rows (empty file); re-download the file"),
+    ("RTE", "rte", RTE_HEADER, "RTE/dev.tsv: no rows (header only); re-download the file"),
+    ("MRPC", "mrpc", "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n",
+     "MRPC/dev.tsv: no rows (header only); re-download the file"),
+    ("CoLA", "cola", "", "CoLA/dev.tsv: no rows (empty file); re-download the file"),
+])
+def test_empty_or_header_only_file_refused(tmp_path, task_dir, task, text, message):
+    _write(tmp_path, task_dir, "dev.tsv", text)
+    with pytest.raises(D.GlueFormatError) as e:
+        D.load_examples(task, "dev", tmp_path)
+    assert str(e.value) == f"{tmp_path}/{message}"
+
+
+def test_bad_utf8_names_file_and_line(tmp_path):
+    p = tmp_path / "RTE" / "dev.tsv"
+    p.parent.mkdir()
+    p.write_bytes(RTE_HEADER.encode() + b"0\ta\tb\tentailment\n1\tcaf\xe9\tb\tentailment\n")
+    with pytest.raises(D.GlueFormatError) as e:
+        D.load_examples("rte", "dev", tmp_path)
+    assert str(e.value) == (f"{p}:3: not UTF-8 (byte 0xe9); re-download the file or convert it "
+                            "to UTF-8")
+
+
+def test_extra_field_on_first_row_of_headerless_file(tmp_path):
+    # CoLA has no header: the field count comes from the task (4), not from the first row
+    _write(tmp_path, "CoLA", "dev.tsv", "s\t1\t\tone\textra\ns\t1\t\ttwo\ns\t0\t*\tthree\n")
+    with pytest.raises(D.GlueFormatError, match=r"CoLA/dev\.tsv:1: expected 4 tab-separated "
+                       r"fields, got 5 \(1 bad row\(s\) of 3\)"):
+        D.load_examples("cola", "dev", tmp_path)
 
 
 def test_mnli_qqp_folder_layout(tmp_path):
@@ -208,7 +270,22 @@ def test_hub_unlabelled_rows_raise(monkeypatch):
 def test_glue_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv("GLUE_DIR", str(tmp_path))
     assert D.resolve_glue_dir() == tmp_path
-    assert D.resolve_glue_dir("hub") is None
+    assert D.resolve_glue_dir("hub") == D.resolve_glue_dir("HUB") == D.HUB
+    monkeypatch.delenv("GLUE_DIR")
+    monkeypatch.setattr(D, "DEFAULT_GLUE_DIR", tmp_path / "absent")
+    assert D.resolve_glue_dir() == D.HUB  # no folder anywhere: the hub
+    assert D.resolve_glue_dir(D.resolve_glue_dir(tmp_path)) == tmp_path  # idempotent
+
+
+def test_hub_choice_reaches_the_loader(monkeypatch, glue_dir):
+    # 'hub' resolved once and passed on (as run_experiment does) must load from the hub even
+    # though $GLUE_DIR names a folder (it used to resolve to None and fall back to the folder)
+    monkeypatch.setenv("GLUE_DIR", str(glue_dir))
+    hub_rows = [{"sentence1": "from", "sentence2": "the hub", "label": 0}]
+    monkeypatch.setattr(D, "_load_hub", lambda spec, key: hub_rows)
+    assert D.load_examples("rte", "train", D.resolve_glue_dir("hub")) == hub_rows
+    assert D.load_examples("rte", "train", "hub") == hub_rows
+    assert D.load_examples("rte", "train", D.resolve_glue_dir()) != hub_rows  # default: folder
 
 
 # ---------------------------------------------------------------- tokenisation and batching
