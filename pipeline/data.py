@@ -15,13 +15,16 @@ not a finite number in [0, 5]) raises one line naming ``file:line``; nothing is 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from sklearn.model_selection import train_test_split
 from transformers import DataCollatorWithPadding
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -236,6 +239,53 @@ def load_examples(task: str, split: str = "train", glue_dir=None,
     return examples[:subsample] if subsample else examples
 
 
+# ---------------------------------------------------------------- validation split
+def train_val_split(labels: list, val_fraction: float = 0.1, seed: int = 0, max_val: int = 1000,
+                    stratify: bool = True) -> tuple[list[int], list[int]]:
+    """Carve a validation set out of the training rows: ``(train_idx, val_idx)``, both
+    ascending, disjoint and together all of ``range(len(labels))``. The val size is
+    ``min(max_val, round(val_fraction * n))``; with ``stratify`` (classification) each class
+    gets its proportional share (scikit-learn's stratified shuffle split). The split depends
+    only on (labels, val_fraction, seed, max_val, stratify), so every method and training seed
+    sharing a split seed is evaluated on the same rows. ``val_fraction=0`` -> (all rows, [])."""
+    n = len(labels)
+    if not (isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1):
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if not (isinstance(max_val, int) and max_val >= 1):
+        raise ValueError(f"max_val must be a positive int, got {max_val!r}")
+    if val_fraction == 0:
+        return list(range(n)), []
+    n_val = min(max_val, round(val_fraction * n))
+    if n_val == 0:
+        raise ValueError(f"val_fraction={val_fraction} of {n} training rows gives 0 validation "
+                         "rows: use more rows, a larger val_fraction, or val_fraction=0")
+    if stratify:
+        counts = Counter(labels)
+        rare = [c for c, k in sorted(counts.items()) if k < 2]
+        if rare:
+            raise ValueError(f"class {rare[0]!r} has 1 row of {n}: a stratified split needs >= 2 "
+                             "per class (one to train on); use more rows or val_fraction=0")
+        if not len(counts) <= n_val <= n - len(counts):
+            raise ValueError(f"a stratified split of {n} rows with {len(counts)} classes needs "
+                             f"{len(counts)} to {n - len(counts)} validation rows, "
+                             f"val_fraction={val_fraction} gives {n_val}; use more rows or "
+                             "another val_fraction")
+    train_idx, val_idx = train_test_split(range(n), test_size=n_val, random_state=seed,
+                                          stratify=list(labels) if stratify else None)
+    missing = set(labels) - {labels[i] for i in train_idx}  # a rare class, a large fraction
+    if stratify and missing:
+        raise ValueError(f"val_fraction={val_fraction} of {n} rows leaves class "
+                         f"{sorted(missing)[0]!r} with no training row; use a smaller "
+                         "val_fraction or more rows")
+    return sorted(train_idx), sorted(val_idx)
+
+
+def split_sha(val_idx: list[int]) -> str:
+    """A short fingerprint of the validation rows for the log (sha256 of the comma-joined ids,
+    16 hex digits): runs with equal fingerprints were selected on the same rows."""
+    return hashlib.sha256(",".join(map(str, val_idx)).encode()).hexdigest()[:16]
+
+
 # ---------------------------------------------------------------- tokenisation and batching
 def tokenize(examples: list[dict], tokenizer, max_length: int = 128) -> list[dict]:
     """One feature dict per example (input_ids, attention_mask, [token_type_ids], labels), not
@@ -256,11 +306,33 @@ def make_collator(tokenizer, pad_to_max_length: bool = False, max_length: int = 
     return DataCollatorWithPadding(tokenizer)
 
 
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1000 + epoch)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled example order of one epoch; depends only on (seed, epoch), so a resumed
     run and every DDP process see the same order."""
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    return torch.randperm(n, generator=_epoch_generator(seed, epoch)).tolist()
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                           chunk_batches: int = 50) -> list[list[int]]:
+    """Global batches of similar-length examples, so dynamic padding pads little: shuffle (the
+    epoch_order of (seed, epoch)), sort each chunk of ``chunk_batches * batch_size`` examples
+    by length, cut it into batches, then shuffle the batch order with the same generator.
+    Every index appears exactly once; only the very last batch cut may be smaller."""
+    if batch_size < 1 or chunk_batches < 1:
+        raise ValueError(f"batch_size and chunk_batches must be >= 1, got {batch_size} and "
+                         f"{chunk_batches}")
+    g = _epoch_generator(seed, epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()  # == epoch_order(n, seed, epoch)
+    chunk = chunk_batches * batch_size
+    batches = []
+    for start in range(0, len(order), chunk):
+        by_length = sorted(order[start:start + chunk], key=lambda i: lengths[i])
+        batches += global_batches(by_length, batch_size)
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def global_batches(order: list[int], batch_size: int) -> list[list[int]]:

@@ -3,6 +3,7 @@ import csv
 from collections import Counter
 
 import pytest
+import torch
 
 from pipeline import data as D
 
@@ -149,7 +150,7 @@ def stsb_row(score):
      r"RTE/dev\.tsv:2: label 'entailed' is not one of \['entailment', 'not_entailment'\]"),
     ("STS-B", "stsb", STSB_HEADER + stsb_row(4.5) + stsb_row("nan"),
      r"STS-B/dev\.tsv:3: score nan is not a finite number in \[0, 5\]"),
-    ("STS-B", "stsb", STSB_HEADER + stsb_row("inf"), r"STS-B/dev\.tsv:2: score inf is not a finite"),
+    ("STS-B", "stsb", STSB_HEADER + stsb_row("inf"), r"STS-B/dev\.tsv:2: score inf is not a"),
     ("STS-B", "stsb", STSB_HEADER + stsb_row(5.5), r"STS-B/dev\.tsv:2: score 5\.5 is not a finite"),
     ("STS-B", "stsb", STSB_HEADER + stsb_row(-0.25), r"STS-B/dev\.tsv:2: score -0\.25 is not"),
     ("STS-B", "stsb", STSB_HEADER + stsb_row("high"), r"STS-B/dev\.tsv:2: score 'high' is not"),
@@ -331,3 +332,104 @@ def test_epoch_order_batches_and_shards():
         parts = [D.shard(b, r, 3) for r in range(3)]
         assert sum(parts, []) == b  # contiguous, in order, complete
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+# ---------------------------------------------------------------- validation split
+def labels_of(n, p1=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, generator=g) < p1).long().tolist()
+
+
+@pytest.mark.parametrize("n,val_fraction,max_val,n_val", [
+    (1000, 0.1, 1000, 100), (24, 0.1, 1000, 2), (20000, 0.1, 1000, 1000), (1000, 0.25, 50, 50),
+    (35, 0.1, 1000, 4)])  # round(3.5) = 4
+def test_split_sizes_disjoint_covering_ascending(n, val_fraction, max_val, n_val):
+    tr, va = D.train_val_split(labels_of(n), val_fraction, seed=0, max_val=max_val)
+    assert len(va) == n_val and len(tr) == n - n_val
+    assert tr == sorted(tr) and va == sorted(va) and sorted(tr + va) == list(range(n))
+
+
+def test_split_is_stratified_by_label():
+    y = [0] * 600 + [1] * 300 + [2] * 100  # grouped by class: a plain head cut would fail
+    tr, va = D.train_val_split(y, 0.1, seed=3)
+    assert Counter(y[i] for i in va) == {0: 60, 1: 30, 2: 10}
+    for seed in range(5):
+        y = labels_of(997, p1=0.3, seed=seed)
+        _, va = D.train_val_split(y, 0.2, seed=seed)
+        share = sum(y[i] for i in va) / len(va)
+        assert abs(share - sum(y) / len(y)) <= 1 / len(va)  # within one row of proportional
+
+
+def test_split_depends_on_its_seed_only():
+    y = labels_of(500)
+    a = D.train_val_split(y, 0.1, seed=0)
+    torch.manual_seed(123)  # the training seed and any global RNG use: no effect
+    import random
+    import numpy as np
+    random.seed(7)
+    np.random.seed(7)
+    assert D.train_val_split(y, 0.1, seed=0) == a
+    assert D.train_val_split(list(y), 0.1, seed=0, stratify=True) == a
+    assert D.train_val_split(y, 0.1, seed=1) != a
+    other = D.train_val_split(y, 0.1, seed=1)[1]
+    assert D.split_sha(a[1]) == D.split_sha(list(a[1])) != D.split_sha(other)
+    assert len(D.split_sha(a[1])) == 16 and int(D.split_sha(a[1]), 16) >= 0
+
+
+def test_split_regression_and_zero_fraction():
+    scores = [i / 20 for i in range(100)]  # STS-B: floats, no stratification
+    tr, va = D.train_val_split(scores, 0.1, seed=0, stratify=False)
+    assert len(va) == 10 and sorted(tr + va) == list(range(100))
+    assert D.train_val_split(scores, 0, stratify=False) == (list(range(100)), [])
+    assert D.train_val_split([0, 1], 0.0) == ([0, 1], [])
+
+
+@pytest.mark.parametrize("labels,kw,message", [
+    ([0, 1] * 10, dict(val_fraction=1.0), r"^val_fraction must be in \[0, 1\), got 1\.0$"),
+    ([0, 1] * 10, dict(val_fraction=-0.1), r"^val_fraction must be in \[0, 1\), got -0\.1$"),
+    ([0, 1] * 10, dict(max_val=0), r"^max_val must be a positive int, got 0$"),
+    ([0, 1] * 2, dict(val_fraction=0.1), r"^val_fraction=0\.1 of 4 training rows gives 0 "
+     r"validation rows: use more rows, a larger val_fraction, or val_fraction=0$"),
+    ([0] * 20 + [1], dict(), r"^class 1 has 1 row of 21: a stratified split needs >= 2 per class"),
+    ([0, 1] * 5 + [2] * 2, dict(val_fraction=0.1), r"^a stratified split of 12 rows with 3 "
+     r"classes needs 3 to 9 validation rows, val_fraction=0\.1 gives 1; "),
+    ([0] * 2 + [1] * 998, dict(val_fraction=0.99, max_val=10**6),
+     r"^val_fraction=0\.99 of 1000 rows leaves class 0 with no training row"),
+])
+def test_split_refuses(labels, kw, message):
+    with pytest.raises(ValueError, match=message):
+        D.train_val_split(labels, **kw)
+
+
+# ---------------------------------------------------------------- length-grouped batches
+def padded_tokens(batches, lengths):
+    return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+
+def test_length_grouped_batches_cover_sort_and_shuffle():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 120, (1003,), generator=g).tolist()
+    bs, chunk = 8, 10
+    batches = D.length_grouped_batches(lengths, bs, seed=1, epoch=2, chunk_batches=chunk)
+    assert sorted(sum(batches, [])) == list(range(1003))  # every index exactly once
+    assert len(batches) == -(-1003 // bs) and sorted(map(len, batches))[1:] == [bs] * 125
+    assert batches == D.length_grouped_batches(lengths, bs, seed=1, epoch=2, chunk_batches=chunk)
+    assert batches != D.length_grouped_batches(lengths, bs, seed=1, epoch=3, chunk_batches=chunk)
+    assert batches != D.length_grouped_batches(lengths, bs, seed=2, epoch=2, chunk_batches=chunk)
+    # the chunks are the epoch_order's: each chunk's batches hold exactly its examples
+    order = D.epoch_order(1003, 1, 2)
+    chunks = [set(order[i:i + bs * chunk]) for i in range(0, 1003, bs * chunk)]
+    assert all(any(set(b) <= c for c in chunks) for b in batches)
+    # sorted within a chunk: batches do not overlap in length, unlike the plain order
+    plain = D.global_batches(order, bs)
+    assert padded_tokens(batches, lengths) < 0.75 * padded_tokens(plain, lengths)
+    # the batch order is shuffled, not sorted by length
+    firsts = [min(lengths[i] for i in b) for b in batches]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+
+
+def test_length_grouped_batches_edges():
+    assert D.length_grouped_batches([], 4, 0, 0) == []
+    assert D.length_grouped_batches([3], 4, 0, 0) == [[0]]
+    with pytest.raises(ValueError, match=r"^batch_size and chunk_batches must be >= 1, got 0 "):
+        D.length_grouped_batches([1, 2], 0, 0, 0)
