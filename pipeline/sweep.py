@@ -1,9 +1,14 @@
-"""Grid sweeps: task x variant x init x rank x lr x seed, skipping runs already complete and
-resuming killed ones from their last epoch checkpoint.
+"""Grid sweeps over any RunConfig fields: complete runs are skipped, killed ones resume from their
+last epoch checkpoint, and each run is claimed with a lock file so several workers can share one
+grid and one logs folder without running anything twice.
 
-    python -m pipeline.sweep --task mrpc --variant lorafa --init kaiming svd --rank 8 \
-        --lr 1e-4 5e-4 --seeds 0 1 2 --epochs 2 [--glue-dir DIR] [--subsample-train N] \
-        [--logs-dir logs] [--quiet]
+    python -m pipeline.sweep --task mrpc --variant lorafa --init orthogonal svd --rank 4 8 \
+        --lr 1e-4 5e-4 --seeds 0 1 2 --epochs 2 [--shard K/N] [--dry-run] [--debug]
+
+Every RunConfig field is a flag (``--help`` lists them with their help text); a field given
+several values is an axis of the grid. Exit status: 0 when every run is complete (or claimed by
+another live worker), 1 when a run failed (now or in an earlier sweep; ``--retry-failed`` runs
+it again), 2 on a bad input, reported as one ``error:`` line (``--debug`` shows the traceback).
 
 Multi-process DDP (every process walks the same grid; ``--batch-size`` stays the global batch):
 ``accelerate launch --multi_gpu --num_processes 2 -m pipeline.sweep ...`` or
@@ -16,86 +21,67 @@ import argparse
 import itertools
 import json
 import os
+import shutil
+import socket
 import sys
+import tempfile
 import time
-from dataclasses import fields
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
 
-from .train import RunConfig, run_experiment, stored_log
+from . import logs as L
+from .models import resolve_model
+from .config import RunConfig
+from .train import run_experiment, stored_log
+
+# a bad input: the sweep stops with one line (missing file, unreachable hub, bad setting, ...)
+USER_ERRORS = (ValueError, OSError)
+STALE_TEMP_S = 60  # an atomic write's temp file older than this is a leftover of a killed run
 
 
-def _print(*a):
+def _print(*a, file=None):
     # under torchrun / accelerate launch every process walks the grid: only rank 0 talks
     if int(os.environ.get("RANK", "0")) == 0:
-        print(*a, flush=True)
+        print(*a, flush=True, file=file)
 
 
-def grid(tasks, variants, inits, ranks, lrs, seeds, **common) -> list[RunConfig]:
-    """Configs of the grid in a stable order; 'full' ignores init and rank (deduplicated)."""
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple, range)) else [x]
+
+
+# ---------------------------------------------------------------- the grid
+def grid(axes: dict, **common) -> list[RunConfig]:
+    """Every combination of ``axes`` ({RunConfig field: values}, the first axis outermost) with
+    the ``common`` fields. 'full' ignores init and rank, so its repeats are dropped (by run_id).
+
+        grid({"init": ["orthogonal", "svd"], "lr": [1e-4, 5e-4], "seed": [0, 1]}, epochs=2)
+    """
+    names = {f.name for f in fields(RunConfig)}
+    unknown = sorted((set(axes) | set(common)) - names)
+    if unknown:
+        raise ValueError(f"unknown RunConfig field(s) {unknown}: use one of {sorted(names)}")
+    if set(axes) & set(common):
+        raise ValueError(f"{sorted(set(axes) & set(common))} given both as an axis and a "
+                         "common setting: give it once")
     seen, out = set(), []
-    for task, variant, init, rank, lr, seed in itertools.product(
-            tasks, variants, inits, ranks, lrs, seeds):
-        cfg = RunConfig(task=task, variant=variant, init=init, rank=rank, lr=lr, seed=seed,
-                        **common)
+    for values in itertools.product(*(_as_list(v) for v in axes.values())):
+        cfg = RunConfig(**common, **dict(zip(axes, values)))
         if cfg.run_id not in seen:
             seen.add(cfg.run_id)
             out.append(cfg)
     return out
 
 
-def _status(cfg: RunConfig) -> str | None:
-    """The stored log's status (None: no log, or unreadable JSON); a stored log made with
-    another config raises (``stored_log``)."""
-    try:
-        old = stored_log(cfg)
-    except (json.JSONDecodeError, UnicodeDecodeError):  # a corrupt file: run it again
-        return None
-    return old.get("status") if old else None
-
-
-def _as_list(x):
-    return [x] if isinstance(x, (str, int, float)) else list(x)
-
-
-def run_configs(configs: list[RunConfig], retry_failed: bool = False, dry_run: bool = False,
-                shard: tuple[int, int] | None = None) -> list[dict]:
-    """Run ``configs`` in order, skipping complete runs (and failed ones unless
-    ``retry_failed``). ``shard=(k, n)`` keeps every n-th config from the k-th: n worker
-    processes, each given its own k, split one grid between them without overlap."""
-    if shard is not None:
-        k, n = shard
-        if not 0 <= k < n:
-            raise ValueError(f"shard {k}/{n}: need 0 <= k < n")
-        configs = configs[k::n]
-    statuses = [_status(cfg) for cfg in configs]  # a conflicting log stops the sweep up front
-    results = []
-    for i, (cfg, status) in enumerate(zip(configs, statuses), 1):
-        head = f"[{i}/{len(configs)}] {cfg.run_id}"
-        if dry_run:
-            _print(f"{head}: {status or 'todo'}")
-            results.append({"run_id": cfg.run_id, "status": status, "skipped": True})
-            continue
-        if status == "complete" or (status == "failed" and not retry_failed):
-            _print(f"{head}: {status}, skipped")
-            results.append({"run_id": cfg.run_id, "status": status, "skipped": True})
-            continue
-        _print(f"{head}: {'resuming' if status == 'running' else 'running'}")
-        t = time.time()
-        h = run_experiment(cfg)
-        results.append({"run_id": cfg.run_id, "status": h["status"], "skipped": False,
-                        "final": h.get("final", {}), "seconds": round(time.time() - t, 1)})
-        _print(f"{head}: {h['status']} {h.get('final', {})} ({time.time() - t:.0f}s)")
-    return results
-
-
 def run_sweep(tasks=("mrpc",), variants=("lorafa",), inits=("svd",), ranks=(8,), lrs=(5e-4,),
               seeds=(0,), retry_failed: bool = False, dry_run: bool = False, shard=None,
-              **common) -> list[dict]:
-    """Run every config of the grid; ``common`` are other RunConfig fields (epochs, logs_dir,
-    glue_dir, subsample_train, quiet, ...). Complete runs are skipped (their stored history is
-    returned), failed ones too unless ``retry_failed``. Returns one summary dict per run."""
-    configs = grid(_as_list(tasks), _as_list(variants), _as_list(inits), _as_list(ranks),
-                   _as_list(lrs), _as_list(seeds), **common)
-    return run_configs(configs, retry_failed, dry_run, shard)
+              axes: dict | None = None, **common) -> list[dict]:
+    """Run the grid task x variant x init x rank x lr x seed (x any further ``axes``, e.g.
+    ``{"reg_coeff": [0, 0.1]}``); ``common`` are other RunConfig fields (epochs, logs_dir, ...).
+    Returns one summary dict per run (see ``run_configs``)."""
+    axes = {"task": tasks, "variant": variants, "init": inits, "rank": ranks, "lr": lrs,
+            "seed": seeds, **(axes or {})}
+    return run_configs(grid(axes, **common), retry_failed, dry_run, shard)
 
 
 def run_variants(tasks, variants, inits, lrs, seeds=(0,), ranks=(8,), retry_failed=False,
@@ -114,90 +100,318 @@ def run_variants(tasks, variants, inits, lrs, seeds=(0,), ranks=(8,), retry_fail
         raise ValueError(f"variants {missing} have no lr (or no init list): give lrs[variant] "
                          "and, for adapters, inits[variant]")
     configs = [cfg for seed in _as_list(seeds) for v in variants
-               for cfg in grid(_as_list(tasks), [v], _as_list(inits.get(v, ["svd"])),
-                               _as_list(ranks), _as_list(lrs[v]), [seed], **common)]
+               for cfg in grid({"task": tasks, "variant": v, "init": inits.get(v, "svd"),
+                                "rank": ranks, "lr": lrs[v], "seed": seed}, **common)]
     return run_configs(configs, retry_failed, dry_run, shard)
 
 
-def _shard(s):
-    k, _, n = s.partition("/")
+# ---------------------------------------------------------------- running a list of configs
+def run_configs(configs: list[RunConfig], retry_failed: bool = False, dry_run: bool = False,
+                shard: tuple[int, int] | None = None, debug: bool = False) -> list[dict]:
+    """Run ``configs`` in order. Complete runs are skipped, failed ones too unless
+    ``retry_failed``; a run claimed by another live worker (its lock file) is left to it.
+    ``shard=(k, n)`` keeps every n-th config from the k-th of the whole list: n workers, each
+    given its own k, split one grid without overlap.
+
+    A run that crashes is recorded as failed and the sweep goes on (``debug``: re-raised); a bad
+    input (ValueError, OSError: missing file, conflicting log, ...) stops it. Returns one dict
+    per config: run_id, status ('complete' | 'failed' | 'running' | None | 'locked'), skipped,
+    and error / final / seconds where known."""
+    if shard is not None:
+        k, n = shard
+        if not 0 <= k < n:
+            raise ValueError(f"shard {k}/{n}: need 0 <= K < N")
+        configs = configs[k::n]
+    logs = [_stored(cfg) for cfg in configs]  # a bad or conflicting log stops the sweep up front
+    if not dry_run:
+        _preflight(configs)
+    results = []
+    for i, (cfg, old) in enumerate(zip(configs, logs), 1):
+        head = f"[{i}/{len(configs)}] {cfg.run_id}"
+        status = old and old.get("status")
+        if dry_run or _done(status, retry_failed):
+            _print(f"{head}: {status or 'todo'}" + ("" if dry_run else ", skipped"))
+            results.append(_summary(cfg, old, skipped=True))
+            continue
+        lock = _lock_path(cfg)
+        claimed, note = _on_main(lambda: claim(lock))
+        if not claimed:
+            _print(f"{head}: {note}, skipped")
+            results.append({"run_id": cfg.run_id, "status": "locked", "skipped": True})
+            continue
+        try:
+            # another worker may have finished it between the first read and the claim
+            old = _on_main(lambda: _stored(cfg))
+            status = old and old.get("status")
+            if _done(status, retry_failed):
+                _print(f"{head}: {status}, skipped")
+                results.append(_summary(cfg, old, skipped=True))
+                continue
+            _print(f"{head}: {'resuming' if status == 'running' else 'running'}"
+                   + (f" ({note})" if note else ""))
+            t = time.time()
+            try:
+                h = run_experiment(cfg)
+            except USER_ERRORS:
+                raise
+            except Exception as e:  # the run's log says 'failed'; the sweep goes on
+                if debug:
+                    raise
+                h = {"status": "failed", "error": f"{type(e).__name__}: {_first_line(e)}"}
+            results.append({**_summary(cfg, h, skipped=False),
+                            "seconds": round(time.time() - t, 1)})
+            _print(f"{head}: {h['status']} {h.get('error') or h.get('final', {})} "
+                   f"({time.time() - t:.0f}s)")
+        finally:
+            _on_main(lambda: release(lock))
+    return results
+
+
+def _preflight(configs: list[RunConfig]) -> None:
+    """Refuse what would fail later (a bad model, a mixed precision this machine cannot run,
+    an unwritable logs dir) before the first run; clear the leftovers of earlier sweeps."""
+    for model in sorted({cfg.model for cfg in configs}):
+        resolve_model(model)
+    for cfg in configs:
+        cfg.check_device()
+    for folder in sorted({Path(cfg.logs_dir) / cfg.task for cfg in configs}):
+        check_writable(folder)
+        _on_main(lambda: clean_leftovers(folder))
+
+
+def _done(status, retry_failed) -> bool:
+    return status == "complete" or (status == "failed" and not retry_failed)
+
+
+def _summary(cfg, h, skipped) -> dict:
+    h = h or {}
+    return {"run_id": cfg.run_id, "status": h.get("status"), "skipped": skipped,
+            "error": h.get("error"), "final": h.get("final", {})}
+
+
+def _stored(cfg: RunConfig) -> dict | None:
+    """The run's stored log, or None; an unreadable or foreign file is a bad input."""
+    path = L.log_path(cfg.logs_dir, cfg.task, cfg.run_id)
+    try:
+        with open(path) as f:
+            head = json.load(f)
+    except (FileNotFoundError, NotADirectoryError):  # not run yet (or no logs dir: preflight)
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({_first_line(e)}): delete or fix the file, "
+                         "or use another logs dir") from None
+    if not isinstance(head, dict) or not isinstance(head.get("config"), dict) \
+            or head.get("status") not in ("running", "complete", "failed"):
+        raise ValueError(f"{path}: not a run log (want a JSON object with a 'config' object and "
+                         "a 'status'): delete or fix the file, or use another logs dir")
+    return stored_log(cfg)  # a log of another config under this run id raises, naming fields
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _on_main(fn):
+    """fn() on the main process; under a multi-process launch every process gets its result,
+    so all of them take the same decision (run or skip) on every config."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return fn()
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    out = [fn() if PartialState().is_main_process else None]
+    return broadcast_object_list(out)[0]
+
+
+# ---------------------------------------------------------------- claims and leftovers
+def _lock_path(cfg: RunConfig) -> Path:
+    return Path(cfg.logs_dir) / cfg.task / f"{cfg.run_id}.lock"
+
+
+def _owner(lock: Path) -> dict | None:
+    try:
+        owner = json.loads(lock.read_text())
+        return owner if isinstance(owner, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written right now (or garbled): treat as held
+
+
+def _alive(owner: dict) -> bool:
+    """False only when the owner is surely gone: same host and no such process."""
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return True
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, another user's
+    return True
+
+
+def claim(lock: Path) -> tuple[bool, str]:
+    """Claim a run by creating ``lock`` exclusively (O_CREAT | O_EXCL), holding our pid and
+    host. Returns (True, '') when claimed, (True, 'took over ...') when a stale lock (same
+    host, process gone) was replaced, (False, note naming the live owner) otherwise."""
+    took_over = ""
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _owner(lock)
+            if owner is None:
+                continue  # released in between: try again
+            if _alive(owner):
+                where = "" if owner.get("host") == socket.gethostname() else \
+                    f" on {owner.get('host')} (delete {lock} if that sweep is gone)"
+                return False, f"claimed by pid {owner.get('pid', '?')}{where}"
+            # stale: rename it away (only one worker wins the rename), then claim it afresh
+            grave = lock.with_name(f".{lock.name}.{os.getpid()}.stale")
+            try:
+                os.rename(lock, grave)
+            except FileNotFoundError:
+                continue
+            if _owner(grave) != owner:  # we moved a fresh claim made in between: give it back
+                os.rename(grave, lock)
+                return False, f"claimed by pid {(_owner(lock) or {}).get('pid', '?')}"
+            grave.unlink()
+            took_over = f"took over the stale lock of pid {owner['pid']} (gone)"
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": L.now()}, f)
+        return True, took_over
+    return False, f"could not claim {lock} (it keeps changing)"
+
+
+def release(lock: Path) -> None:
+    owner = _owner(lock)
+    if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+        lock.unlink(missing_ok=True)
+
+
+def clean_leftovers(folder: Path) -> list[Path]:
+    """Remove what killed or finished runs left in one task's logs folder: temp files of atomic
+    writes (``.<name>.<random>[.tmp]``) and checkpoints of complete runs. Runs claimed by a live
+    worker are left alone. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    live = {p.name[:-len(".lock")] for p in folder.glob("*.lock")
+            if (o := _owner(p)) is None or _alive(o)}
+    removed = []
+    for p in folder.glob(".*.*"):
+        run = next((r for r in live if p.name[1:].startswith(r + ".")), None)
+        if p.is_file() and run is None and time.time() - p.stat().st_mtime > STALE_TEMP_S:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    ckpts = folder / ".ckpt"
+    for d in sorted(ckpts.glob("*")) if ckpts.is_dir() else []:
+        log = folder / f"{d.name}.json"
+        try:
+            done = d.name not in live and L.read_log(log).get("status") == "complete"
+        except (OSError, ValueError, AttributeError):
+            done = False
+        if done:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    if ckpts.is_dir() and not any(ckpts.iterdir()):
+        ckpts.rmdir()
+    return removed
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OSError(f"logs dir {folder} is not writable ({e.strerror or e}): choose another "
+                      "--logs-dir") from None
+
+
+# ---------------------------------------------------------------- the command line
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other bad input
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _converter(hint):
+    """Parse one command-line value for a field annotated ``hint`` ('none' for an optional
+    field; a comma list for a field that may be a list, e.g. targets=query,value)."""
+    args = typing.get_args(hint) or (hint,)
+    base = next(a for a in args if a is not type(None))
+
+    def convert(s: str):
+        if type(None) in args and s.lower() == "none":
+            return None
+        if list in args and "," in s:
+            return s.split(",")
+        return base(s)
+    convert.__name__ = base.__name__  # argparse says "invalid int value: 'x'"
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per RunConfig field, help text from the field's metadata['help']: several
+    values make a grid axis, booleans are --flag / --no-flag."""
+    p = _Parser(prog="python -m pipeline.sweep", description=__doc__.split("\n\n")[0],
+                usage="%(prog)s [--FIELD VALUE [VALUE ...] ...] [--shard K/N] [--dry-run] "
+                      "[--retry-failed] [--debug]")
+    runs = p.add_argument_group("run settings (RunConfig fields; several values = a grid axis)")
+    hints = typing.get_type_hints(RunConfig)
+    for f in fields(RunConfig):
+        names = [f"--{f.name.replace('_', '-')}"] + (["--seeds"] if f.name == "seed" else [])
+        default = f.default if f.default is not MISSING else "(computed)"
+        help_ = f.metadata.get("help", "")
+        if "default" not in help_:
+            help_ += f" (default: {default})"
+        if hints[f.name] is bool:
+            runs.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+                              default=argparse.SUPPRESS, help=help_)
+        else:
+            runs.add_argument(*names, dest=f.name, nargs="+", type=_converter(hints[f.name]),
+                              default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_)
+    sweep = p.add_argument_group("sweep")
+    sweep.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    sweep.add_argument("--dry-run", action="store_true", help="list the grid and its status")
+    sweep.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                       help="run every N-th config of the whole grid from the K-th (N workers, "
+                            "K = 0..N-1)")
+    sweep.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _shard(s: str) -> tuple[int, int]:
+    k, sep, n = s.partition("/")
+    if not (sep and k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise argparse.ArgumentTypeError(f"{s!r} is not K/N with 0 <= K < N (e.g. 0/2)")
     return int(k), int(n)
 
 
-def _none_int(s):
-    return None if s.lower() == "none" else int(s)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.split("\n")[0])
-    p.add_argument("--task", nargs="+", default=["mrpc"])
-    p.add_argument("--variant", nargs="+", default=["lorafa"], choices=["full", "lora", "lorafa"])
-    p.add_argument("--init", nargs="+", default=["svd"],
-                   choices=["kaiming", "orthogonal", "svd", "svd_minor"])
-    p.add_argument("--rank", nargs="+", type=int, default=[8])
-    p.add_argument("--lr", nargs="+", type=float, default=[5e-4])
-    p.add_argument("--seeds", "--seed", nargs="+", type=int, default=[0])
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--alpha", type=float, default=None, help="default: 2 * rank")
-    p.add_argument("--targets", default="attention")
-    p.add_argument("--svd-split", default="sqrt", choices=["sqrt", "b"],
-                   help="svd inits: sqrt(S) on each side (PiSSA) or all of S in B (A orthonormal)")
-    p.add_argument("--svd-solver", default="exact", choices=["exact", "randomized"])
-    p.add_argument("--reg-coeff", type=float, default=0.0)
-    p.add_argument("--head-lr", type=float, default=None)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--warmup-ratio", type=float, default=0.06)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=None)
-    p.add_argument("--subsample-train", type=_none_int, default=None)
-    p.add_argument("--subsample-dev", type=_none_int, default=None)
-    p.add_argument("--dev-split", default="dev")
-    p.add_argument("--eval-every-steps", type=_none_int, default=None)
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
-    p.add_argument("--tag", default="")
-    p.add_argument("--logs-dir", default="logs")
-    p.add_argument("--glue-dir", default=None,
-                   help="GLUE folder (default $GLUE_DIR, then ../shared/glue; 'hub' = HF hub)")
-    p.add_argument("--no-checkpoint", action="store_true")
-    p.add_argument("--retry-failed", action="store_true")
-    p.add_argument("--dry-run", action="store_true", help="list the grid and its status only")
-    p.add_argument("--shard", type=_shard, default=None, metavar="K/N",
-                   help="run every N-th config from the K-th (N workers, K = 0..N-1)")
-    p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    a = parse_args(argv)
-    common = dict(model=a.model, targets=a.targets, svd_split=a.svd_split,
-                  svd_solver=a.svd_solver, reg_coeff=a.reg_coeff, head_lr=a.head_lr,
-                  epochs=a.epochs, batch_size=a.batch_size, eval_batch_size=a.eval_batch_size,
-                  max_length=a.max_length, warmup_ratio=a.warmup_ratio,
-                  weight_decay=a.weight_decay, grad_clip=a.grad_clip,
-                  subsample_train=a.subsample_train, subsample_dev=a.subsample_dev,
-                  dev_split=a.dev_split, eval_every_steps=a.eval_every_steps,
-                  mixed_precision=a.mixed_precision, tag=a.tag, logs_dir=a.logs_dir,
-                  glue_dir=a.glue_dir, checkpoint=not a.no_checkpoint, quiet=a.quiet)
-    assert set(common) <= {f.name for f in fields(RunConfig)}
-    results = []
-    # alpha defaults to 2 * rank (scale 2 for every rank), so sweep ranks one at a time
-    for rank in a.rank:
-        alpha = a.alpha if a.alpha is not None else 2 * rank
-        results += run_sweep(a.task, a.variant, a.init, [rank], a.lr, a.seeds, alpha=alpha,
-                             retry_failed=a.retry_failed, dry_run=a.dry_run, shard=a.shard,
-                             **common)
-    failed = [r["run_id"] for r in results if r["status"] == "failed" and not r["skipped"]]
+    args = vars(build_parser().parse_args(argv))
+    sweep = {k: args.pop(k) for k in ("retry_failed", "dry_run", "shard", "debug")}
+    try:
+        configs = grid(args)  # every field given is an axis; the rest keep RunConfig's defaults
+        results = run_configs(configs, **sweep)
+    except USER_ERRORS as e:
+        if sweep["debug"]:
+            raise
+        _print(f"error: {_first_line(e)}", file=sys.stderr)
+        return 2
+    failed = [r for r in results if r["status"] == "failed"]
     done = sum(r["status"] == "complete" for r in results)
-    _print(f"sweep: {len(results)} runs, {done} complete, {len(failed)} failed "
-           f"{failed if failed else ''}".rstrip())
+    locked = sum(r["status"] == "locked" for r in results)
+    _print(f"sweep: {len(results)} runs, {done} complete, {len(failed)} failed, "
+           f"{locked} claimed by other workers")
+    for r in failed:
+        _print(f"  failed{' earlier' if r['skipped'] else ''}: {r['run_id']}: {r['error']}")
+    if any(r["skipped"] for r in failed):
+        _print("  (--retry-failed runs them again)")
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as e:  # bad input or a conflicting stored log: one line, not a traceback
-        sys.exit(f"error: {e}")
+    sys.exit(main())

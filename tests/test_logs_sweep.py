@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import analysis as A
 from pipeline import logs as L
-from pipeline import plots as P
 from pipeline import sweep as S
 from pipeline.train import RunConfig
 
@@ -34,7 +34,8 @@ def test_run_id_readable_and_distinct():
 
 
 def test_grid_dedupes_full_variant():
-    cfgs = S.grid(["mrpc"], ["full", "lorafa"], ["kaiming", "svd"], [8], [1e-4], [0, 1])
+    cfgs = S.grid({"task": "mrpc", "variant": ["full", "lorafa"], "init": ["kaiming", "svd"],
+                   "rank": 8, "lr": 1e-4, "seed": [0, 1]})
     ids = [c.run_id for c in cfgs]
     assert len(ids) == len(set(ids)) == 2 + 4  # full ignores init: 2 seeds, lorafa 2x2
 
@@ -60,7 +61,7 @@ def test_summarize_final_and_best():
 
 
 # ---------------------------------------------------------------- the sweep, end to end
-def test_sweep_cli_runs_skips_and_loads(glue_dir, tmp_path, tiny_bert_dir, monkeypatch):
+def test_sweep_cli_runs_skips_and_loads(glue_dir, tmp_path, tiny_bert_dir, monkeypatch, capsys):
     logs = tmp_path / "logs"
     argv = ["--task", "mrpc", "--variant", "lorafa", "--init", "kaiming", "svd", "--rank", "4",
             "--lr", "1e-3", "--seeds", "0", "1", "--epochs", "2", "--batch-size", "8",
@@ -82,16 +83,16 @@ def test_sweep_cli_runs_skips_and_loads(glue_dir, tmp_path, tiny_bert_dir, monke
     monkeypatch.setattr(S, "run_experiment", lambda cfg: pytest.fail(f"reran {cfg.run_id}"))
     assert S.main(argv) == 0
     # ... and the same run ids with other epochs are refused (naming the field), not skipped
-    with pytest.raises(ValueError, match=r"epochs: 2 -> 3"):
-        S.main([a if a != "2" else "3" for a in argv])
+    assert S.main([a if a != "2" else "3" for a in argv]) == 2
+    assert "epochs: 2 -> 3" in capsys.readouterr().err
 
-    runs = L.load_logs(logs)
+    runs = A.load_logs(logs)
     assert len(runs) == 4 and set(runs["init"]) == {"kaiming", "svd"}
     assert {"final_accuracy", "best_f1", "best_f1_step", "trainable_params"} <= set(runs)
     assert (runs["steps"] == 4).all() and (runs["status"] == "complete").all()
-    curves = L.load_curves(logs)
+    curves = A.load_curves(logs)
     assert len(curves) == 4 * 2 * 3  # runs x evals x (dev_loss, accuracy, f1)
-    train = L.load_curves(logs, kind="train")
+    train = A.load_curves(logs, kind="train")
     assert set(train["metric"]) == {"loss", "lr"} and len(train) == 4 * 4 * 2
 
 
@@ -109,18 +110,11 @@ def test_sweep_cli_refuses_a_conflicting_log_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pipeline.sweep", "--init", "svd", "--lr", "5e-4",
                           "--epochs", "1", "--logs-dir", str(tmp_path), "--dry-run"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0 and "epochs: 3 -> 1" in out.stderr
 
 
-def test_load_logs_rejects_corrupt_json(tmp_path):
-    (tmp_path / "mrpc").mkdir()
-    (tmp_path / "mrpc" / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json"):
-        L.load_logs(tmp_path)
-
-
-# ---------------------------------------------------------------- plots on synthetic logs
+# ---------------------------------------------------------------- synthetic logs
 def _fake_run(logs, init, seed, accs, lr=5e-4):
     cfg = RunConfig(init=init, seed=seed, lr=lr, logs_dir=str(logs))
     h = {"schema_version": 1, "run_id": cfg.run_id, "status": "complete",
@@ -130,66 +124,6 @@ def _fake_run(logs, init, seed, accs, lr=5e-4):
                    for i, a in enumerate(accs)]}
     L.summarize(h)
     L.atomic_write_json(h, L.log_path(logs, "mrpc", cfg.run_id))
-
-
-@pytest.fixture
-def fake_logs(tmp_path):
-    _fake_run(tmp_path, "kaiming", 0, [0.5, 0.6, 0.7])
-    _fake_run(tmp_path, "kaiming", 1, [0.5, 0.7, 0.7])
-    _fake_run(tmp_path, "svd", 0, [0.7, 0.8, 0.8])
-    _fake_run(tmp_path, "svd", 1, [0.6, 0.7, 0.9])
-    return tmp_path
-
-
-def test_results_table_and_curve_stats(fake_logs):
-    runs, curves = L.load_logs(fake_logs), L.load_curves(fake_logs)
-    t = P.results_table(runs).set_index("init")
-    assert t.loc["svd", "mean"] == pytest.approx(0.85) and t.loc["svd", "n"] == 2
-    assert t.loc["kaiming", "std"] == 0.0
-    s = P.curve_stats(curves, "accuracy", by="init").set_index(["init", "step"])
-    assert s.loc[("kaiming", 20), "mean"] == pytest.approx(0.65)
-    assert s.loc[("kaiming", 20), "std"] == pytest.approx(0.0707107, rel=1e-5)  # sample std
-
-
-def test_steps_to_reach_baseline(fake_logs):
-    runs, curves = L.load_logs(fake_logs), L.load_curves(fake_logs)
-    t = P.steps_to_reach_baseline(curves, runs, "accuracy", baseline={"init": "kaiming"},
-                                  by="init", paired=False).set_index("init")
-    # target = mean final kaiming accuracy = 0.7; kaiming reaches it at 30 and 20, svd at 10, 20
-    assert t["target"].iloc[0] == pytest.approx(0.7)
-    assert t.loc["kaiming", "mean_steps"] == 25 and t.loc["svd", "mean_steps"] == 15
-    assert t.loc["svd", "speedup_vs_baseline"] == pytest.approx(25 / 15)
-    # paired: seed s is held to kaiming seed s's best (0.7 both), so the baseline reaches it in
-    # every seed, at its best step (30, 20); svd seed 0 at 10, seed 1 at 20
-    p = P.steps_to_reach_baseline(curves, runs, "accuracy", baseline={"init": "kaiming"},
-                                  by="init", which="best").set_index("init")
-    assert (p["reached"] == 2).all() and p.loc["kaiming", "mean_steps"] == 25
-    assert p.loc["svd", "mean_steps"] == 15
-    _fake_run(fake_logs, "svd", 2, [0.9, 0.9, 0.9])  # no kaiming seed 2: left out
-    runs, curves = L.load_logs(fake_logs), L.load_curves(fake_logs)
-    p = P.steps_to_reach_baseline(curves, runs, "accuracy", baseline={"init": "kaiming"},
-                                  by="init", which="best").set_index("init")
-    assert p.loc["svd", "n"] == 2
-    never = P.steps_to_reach(curves, "accuracy", 0.95)
-    assert never["steps_to_target"].isna().all()
-
-
-def test_sweep_table_one_column_per_value(fake_logs):
-    _fake_run(fake_logs, "svd", 0, [0.4], lr=1e-3)
-    t = P.sweep_table(P.with_method(L.load_logs(fake_logs)), x="lr")
-    assert list(t.columns) == ["lr 0.0005", "lr 0.001"]
-    assert t.loc["LoRA-FA (svd)", "lr 0.0005"].startswith("0.850 / ")  # mean of 0.8 and 0.9
-    assert t.loc["LoRA-FA (svd)", "lr 0.001"].startswith("0.400 / ")
-    assert t.loc["LoRA-FA (kaiming)", "lr 0.001"] == ""  # not run
-
-
-def test_plot_curves_draws_bands(fake_logs):
-    import matplotlib
-    matplotlib.use("Agg")
-    ax = P.plot_curves(L.load_curves(fake_logs), "accuracy", by="init")
-    assert len(ax.lines) == 2 and len(ax.collections) == 2  # a mean line + band per init
-    with pytest.raises(ValueError, match="no 'f1' points"):
-        P.plot_curves(L.load_curves(fake_logs), "f1")
 
 
 def test_run_variants_orders_by_seed_and_shards_split_without_overlap(tmp_path):
@@ -205,16 +139,3 @@ def test_run_variants_orders_by_seed_and_shards_split_without_overlap(tmp_path):
     assert sorted(halves[0] + halves[1]) == sorted(every) and not set(halves[0]) & set(halves[1])
     with pytest.raises(ValueError, match="no lr"):
         run_variants("mrpc", ["full"], inits={}, lrs={}, logs_dir=str(tmp_path), dry_run=True)
-
-
-def test_with_method_names_every_variant_and_the_svd_split():
-    import pandas as pd
-    df = pd.DataFrame({"variant": ["full", "lora", "lorafa", "lorafa", "lorafa"],
-                       "init": ["none", "kaiming", "svd", "svd", "orthogonal"],
-                       "svd_split": ["sqrt", "sqrt", "sqrt", "b", "b"]})
-    methods = list(P.with_method(df)["method"])
-    assert methods == ["full FT", "LoRA (kaiming)", "LoRA-FA (svd)",
-                       "LoRA-FA (svd, orthonormal A)", "LoRA-FA (orthogonal)"]
-    assert all(m in P.METHOD_COLORS for m in methods)
-    # logs from before svd_split was a column read as the default split
-    assert list(P.with_method(df.drop(columns="svd_split"))["method"])[3] == "LoRA-FA (svd)"
