@@ -216,10 +216,12 @@ def _on_main(fn):
     so all of them take the same decision (run or skip) on every config."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return fn()
+    import torch
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    out = [fn() if PartialState().is_main_process else None]
+    # as in run_experiment: without a GPU, only cpu=True makes accelerate join the launch
+    out = [fn() if PartialState(cpu=not torch.cuda.is_available()).is_main_process else None]
     return broadcast_object_list(out)[0]
 
 

@@ -295,3 +295,26 @@ def test_next_sweep_removes_leftovers_but_not_those_of_live_runs(tmp_path):
                                       folder / ".ckpt" / done.run_id])
     assert temps[live.run_id].exists() and fresh.exists()  # a live run's, a write in flight
     assert (folder / ".ckpt" / killed.run_id / "epoch-1").is_dir()  # resumes from it
+
+
+def test_a_ddp_sweep_takes_one_decision_for_all_its_processes(glue_dir, tmp_path, tiny_bert_dir):
+    logs = tmp_path / "logs"
+    kw = dict(model=tiny_bert_dir(), glue_dir=str(glue_dir), logs_dir=str(logs), epochs=1,
+              batch_size=8, subsample_train=16, subsample_dev=8)
+    taken = RunConfig(init="orthogonal", **kw)  # claimed by a live worker (this test)
+    (logs / "mrpc").mkdir(parents=True)
+    S._lock_path(taken).write_text(json.dumps({"pid": os.getpid(),
+                                               "host": socket.gethostname()}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29600 + os.getpid() % 1000)}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", env["MASTER_PORT"], "-m", "pipeline.sweep",
+                          "--init", "kaiming", "orthogonal", "svd",
+                          *map(str, _tiny(glue_dir, logs, kw["model"]))],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{taken.run_id}: claimed by pid {os.getpid()}, skipped" in out.stdout
+    assert "sweep: 3 runs, 2 complete, 0 failed, 1 claimed by other workers" in out.stdout
+    for init in ("kaiming", "svd"):
+        h = L.read_log(L.log_path(logs, "mrpc", RunConfig(init=init, **kw).run_id))
+        assert h["status"] == "complete" and h["env"]["num_processes"] == 2
+    assert not L.log_path(logs, "mrpc", taken.run_id).exists()
