@@ -1,0 +1,438 @@
+"""The study (issue 11): which frozen A should LoRA-FA use? One spec, read by the CPU study,
+the GPU kit (``pipeline.gpu``) and the analysis: tasks in priority order, methods, epochs, lr
+grids, seeds. Nothing here is tuned on results: every value below was fixed before any run.
+
+Protocol: val = 10% of train (at most 1000 rows, one split seed for every run, so runs pair by
+seed); lr chosen per (task, method) on val from ``LR_GRIDS`` with ``SELECTION_SEEDS``; then
+the main grid at ``STUDY_SEEDS`` with the chosen lrs; GLUE dev is the test set, reported at the
+val-best step.
+
+    python -m pipeline.study lr     [--tasks mrpc cola] [--shard K/N]   # lr-selection runs
+    python -m pipeline.study select                                     # figures/lr_selection.*
+    python -m pipeline.study main   [--tasks ...] [--shard K/N]         # the main grid
+    python -m pipeline.study all    [--deadline-s S]   # lr -> select -> main, task by task
+    (--smoke: a tiny study for tests; --gpu: the GPU profile; --dry-run: list, run nothing)
+
+Epochs are a reasoned guess made before any result (1-epoch pilot runs still rose at the end;
+MRPC, CoLA, RTE and STS-B get 5 epochs, SST-2's 10k subsample 2): check them on the val curves
+of the lr sweep, where the best method's val metric must have plateaued.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from . import logs as L
+from .methods import METHODS
+
+# ---------------------------------------------------------------- the spec (fixed before results)
+TASKS = ("mrpc", "cola", "rte", "stsb", "sst2")  # priority order
+LORAFA = ("orthogonal", "svd", "svd_minor", "gradient", "svd_sqrt")  # the question
+REFERENCES = ("lora", "full")
+EPOCHS = {"mrpc": 5, "cola": 5, "rte": 5, "stsb": 5, "sst2": 2}
+# about 4 val evaluations per epoch (steps per epoch at batch 32 after the 10% val split:
+# MRPC 104, CoLA 241, RTE 71, STS-B 162, SST-2 10k 282)
+EVAL_EVERY_STEPS = {"mrpc": 25, "cola": 60, "rte": 20, "stsb": 40, "sst2": 70}
+SUBSAMPLE_TRAIN = {"sst2": 10_000}  # the first 10k rows: a fixed subsample
+_LORAFA_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
+LR_GRIDS = {**{m: _LORAFA_LRS for m in LORAFA},
+            "lora": (3e-4, 1e-3, 3e-3), "full": (2e-5, 5e-5, 1e-4, 2e-4)}
+SELECTION_SEEDS = (100, 101)  # distinct from every study seed
+# study seeds per profile: 5 (CPU) / 10 (GPU) for LoRA-FA; references 3 on CPU
+STUDY_SEEDS = {"cpu": tuple(range(5)), "gpu": tuple(range(10))}
+REFERENCE_SEEDS = {"cpu": tuple(range(3)), "gpu": tuple(range(10))}
+COMMON = dict(model="minilm", rank=8, alpha=16, targets="attention", batch_size=32,
+              max_length=128, val_fraction=0.1, split_seed=0)
+# run settings that change with the machine, not the question
+PROFILES = {"cpu": {}, "gpu": dict(mixed_precision="bf16", checkpoint=False, quiet=True)}
+LOGS = {"lr": "logs/study_lr", "main": "logs/study"}
+FIGURES = "figures"
+
+
+@dataclass(frozen=True)
+class Study:
+    tasks: tuple
+    methods: tuple
+    epochs: dict
+    eval_every_steps: dict
+    subsample_train: dict
+    lr_grids: dict
+    selection_seeds: tuple
+    study_seeds: dict
+    reference_seeds: dict
+    common: dict
+    subsample_dev: int | None = None
+
+    def seeds(self, method: str, profile: str = "cpu") -> tuple:
+        return (self.reference_seeds if method in REFERENCES else self.study_seeds)[profile]
+
+
+STUDY = Study(tasks=TASKS, methods=LORAFA + REFERENCES, epochs=EPOCHS,
+              eval_every_steps=EVAL_EVERY_STEPS, subsample_train=SUBSAMPLE_TRAIN,
+              lr_grids=LR_GRIDS, selection_seeds=SELECTION_SEEDS, study_seeds=STUDY_SEEDS,
+              reference_seeds=REFERENCE_SEEDS, common=COMMON)
+
+# the same study shrunk for tests and the GPU kit's CPU dry run: 64 training rows, 1 epoch
+# (2 steps), 32 test rows, one lr per method (the middle of its grid), one seed per phase
+SMOKE = replace(STUDY, tasks=("mrpc",), epochs={t: 1 for t in TASKS},
+                eval_every_steps={t: None for t in TASKS},
+                subsample_train={t: 64 for t in TASKS}, subsample_dev=32,
+                lr_grids={m: (g[len(g) // 2],) for m, g in LR_GRIDS.items()},
+                selection_seeds=(100,), study_seeds={"cpu": (0,), "gpu": (0,)},
+                reference_seeds={"cpu": (0,), "gpu": (0,)},
+                common={**COMMON, "max_length": 64})
+
+
+# ---------------------------------------------------------------- configs
+def run_config(spec: Study, task: str, method: str, lr: float, seed: int, logs_dir: str,
+               profile: str = "cpu", **overrides):
+    """One RunConfig of the study: the spec's settings for ``task`` + the method's overrides."""
+    from .config import RunConfig
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {list(METHODS)}")
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}: use one of {list(PROFILES)}")
+    return RunConfig(task=task, lr=lr, seed=seed, logs_dir=logs_dir,
+                     epochs=spec.epochs[task], eval_every_steps=spec.eval_every_steps[task],
+                     subsample_train=spec.subsample_train.get(task),
+                     subsample_dev=spec.subsample_dev,
+                     **{**spec.common, **METHODS[method][1], **PROFILES[profile], **overrides})
+
+
+def lr_selection_configs(spec: Study, task: str, logs_dir: str = LOGS["lr"],
+                         profile: str = "cpu", **overrides) -> list:
+    """The lr sweep of one task: every method x its lr grid x the selection seeds, seed by
+    seed (a sweep cut short holds whole grids of the first seed)."""
+    return [run_config(spec, task, m, lr, seed, logs_dir, profile, **overrides)
+            for seed in spec.selection_seeds for m in spec.methods for lr in spec.lr_grids[m]]
+
+
+def study_configs(spec: Study, selected_lrs: dict, seeds=None, tasks=None,
+                  logs_dir: str = LOGS["main"], profile: str = "cpu", **overrides) -> list:
+    """The main grid: per task (priority order), seed by seed, every method at its selected lr.
+    ``selected_lrs``: {task: {method: lr or {"lr": lr, ...}}} (``select_lrs()["choices"]``);
+    ``seeds``: the same seeds for every method (default: the profile's, fewer for references).
+    A method with no selected lr (every lr failed) is left out."""
+    out = []
+    for task in tasks or spec.tasks:
+        chosen = selected_lrs.get(task)
+        if not chosen:
+            raise ValueError(f"no lrs selected for {task}: run `python -m pipeline.study lr "
+                             f"--tasks {task}` then `select` first")
+        missing = [m for m in spec.methods if m not in chosen]
+        if missing:
+            raise ValueError(f"the lr selection of {task} lacks methods {missing}: rerun "
+                             "`python -m pipeline.study select` once its lr runs are complete")
+        all_seeds = sorted({s for m in spec.methods for s in (seeds or spec.seeds(m, profile))})
+        for seed in all_seeds:
+            for m in spec.methods:
+                lr = chosen[m]["lr"] if isinstance(chosen[m], dict) else chosen[m]
+                if lr is not None and seed in (seeds or spec.seeds(m, profile)):
+                    out.append(run_config(spec, task, m, lr, seed, logs_dir, profile,
+                                          **overrides))
+    return out
+
+
+# ---------------------------------------------------------------- lr selection
+def _stored(cfg) -> dict | None:
+    path = L.log_path(cfg.logs_dir, cfg.task, cfg.run_id)
+    if not path.is_file():
+        return None
+    try:
+        return L.read_log(path)
+    except json.JSONDecodeError:  # a write in progress elsewhere; atomic writes make it rare
+        return None
+
+
+def _ax_rms(h: dict) -> float | None:
+    """Mean RMS of A·x over the adapted modules, where the run logged it."""
+    v = (h.get("adapter_stats") or {}).get("ax_rms")
+    if isinstance(v, dict):
+        v = [x for x in v.values() if isinstance(x, (int, float))]
+        return statistics.fmean(v) if v else None
+    return v if isinstance(v, (int, float)) else None
+
+
+def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
+               figures_dir: str | None = FIGURES, profile: str = "cpu", **overrides) -> dict:
+    """Mean val metric at the val-best step per (task, method, lr) over the selection seeds,
+    and the best lr per (task, method). An lr counts only when every selection seed completed;
+    a choice at the edge of a grid is flagged ('extend the grid'). Writes
+    ``<figures_dir>/lr_selection.md`` and ``.json`` (the json is what the main grid reads)
+    unless ``figures_dir`` is None. Returns {"rows", "choices", "pending"}."""
+    rows, choices, pending = [], {}, {}
+    for task in tasks or spec.tasks:
+        cfgs = lr_selection_configs(spec, task, logs_dir, profile, **overrides)
+        logs = [_stored(c) for c in cfgs]
+        n_done = sum(h is not None and h.get("status") in ("complete", "failed") for h in logs)
+        if n_done < len(cfgs):
+            pending[task] = f"{n_done}/{len(cfgs)} lr runs finished"
+            continue
+        from .methods import method_of
+
+        by_key = {}
+        for c, h in zip(cfgs, logs):
+            by_key.setdefault((method_of(h["config"]), c.lr), []).append(h)
+        choices[task] = {}
+        for m in spec.methods:
+            grid = spec.lr_grids[m]
+            cands = []
+            for lr in grid:
+                hs = by_key[m, lr]
+                ok = [h for h in hs if h["status"] == "complete" and h.get("selection")]
+                vals = [h["selection"]["value"] for h in ok]
+                mean = statistics.fmean(vals) if len(ok) == len(hs) else None
+                axs = [a for a in map(_ax_rms, ok) if a is not None]
+                rows.append(dict(task=task, method=m, lr=lr, metric=hs[0].get("main_metric"),
+                                 mean=mean, values=vals, n=len(ok), n_failed=len(hs) - len(ok),
+                                 ax_rms=statistics.fmean(axs) if axs else None, chosen=False))
+                if mean is not None and math.isfinite(mean):
+                    cands.append((mean, lr, rows[-1]))
+            if not cands:
+                choices[task][m] = dict(lr=None, note="every lr failed: extend the grid down")
+                continue
+            mean, lr, row = max(cands, key=lambda t: t[0])  # ties: the smaller lr
+            row["chosen"] = True
+            edge = None if len(grid) == 1 else ("lowest" if lr == min(grid) else
+                                                "highest" if lr == max(grid) else None)
+            choices[task][m] = dict(lr=lr, val=mean, metric=row["metric"], ax_rms=row["ax_rms"],
+                                    edge=edge, note=f"at the {edge} lr of the grid: extend the "
+                                                    "grid" if edge else "")
+    out = {"selection_seeds": list(spec.selection_seeds), "logs_dir": str(logs_dir),
+           "rows": rows, "choices": choices, "pending": pending}
+    if figures_dir is not None:
+        write_selection(out, figures_dir)
+    return out
+
+
+def _fmt(x, spec="{:.4f}"):
+    return "–" if x is None else spec.format(x)
+
+
+def selection_markdown(sel: dict) -> str:
+    from .methods import label
+
+    seeds = ", ".join(map(str, sel["selection_seeds"]))
+    out = ["# lr selection (val metric at the val-best step, mean over selection seeds "
+           f"{seeds})", "",
+           "Written by `python -m pipeline.study select`; the main grid reads "
+           "`lr_selection.json`. ‖A·x‖: RMS of A·x over the first batches (LoRA-FA inits).", "",
+           "| task | method | selected lr | val metric | ‖A·x‖ rms | note |",
+           "|---|---|---|---|---|---|"]
+    for task, ch in sel["choices"].items():
+        for m, c in ch.items():
+            out.append(f"| {task} | {label(m)} | {_fmt(c['lr'], '{:g}')} | "
+                       f"{_fmt(c.get('val'))} {c.get('metric') or ''} | "
+                       f"{_fmt(c.get('ax_rms'), '{:.3g}')} | {c['note']} |")
+    for task, why in sel["pending"].items():
+        out.append(f"| {task} | (all) | – | – | – | not selected yet: {why} |")
+    out += ["", "## Every lr", "", "| task | method | lr | val mean | seeds | failed | ‖A·x‖ |",
+            "|---|---|---|---|---|---|---|"]
+    for r in sel["rows"]:
+        mean = _fmt(r["mean"])
+        out.append(f"| {r['task']} | {label(r['method'])} | {r['lr']:g} | "
+                   f"{f'**{mean}**' if r['chosen'] else mean} | "
+                   f"{', '.join(f'{v:.4f}' for v in r['values'])} | {r['n_failed']} | "
+                   f"{_fmt(r['ax_rms'], '{:.3g}')} |")
+    return "\n".join(out) + "\n"
+
+
+def write_selection(sel: dict, figures_dir: str = FIGURES) -> tuple[Path, Path]:
+    folder = Path(figures_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    js, md = folder / "lr_selection.json", folder / "lr_selection.md"
+    L.atomic_write_json(sel, js)
+    text = selection_markdown(sel)
+    from lora.io import atomic_write
+
+    atomic_write(md, lambda tmp: Path(tmp).write_text(text))
+    return js, md
+
+
+def read_selection(figures_dir: str = FIGURES) -> dict:
+    path = Path(figures_dir) / "lr_selection.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `python -m pipeline.study select` "
+                                "(after the lr runs) first")
+    return json.loads(path.read_text())["choices"]
+
+
+# ---------------------------------------------------------------- running it
+class _Worker:
+    """Picks this worker's next run in priority order. Per task: its lr runs, then (once every
+    lr run of the task, all shards, has finished) the main grid at the selected lrs; a worker
+    whose lr share is done while others still run theirs goes on to the next task meanwhile."""
+
+    def __init__(self, spec, tasks, phases, dirs, shard, profile, figures_dir, overrides):
+        self.spec, self.tasks, self.phases, self.dirs = spec, tasks, phases, dirs
+        self.k, self.n = shard or (0, 1)
+        self.profile, self.figures_dir, self.overrides = profile, figures_dir, overrides
+        self.finished = set()  # run ids known complete or failed (that never changes back)
+        self.chosen = {}  # task -> {method: choice}
+
+    def _todo(self, cfgs, share=True):
+        """The first config not finished yet: of this worker's share, or of all of them."""
+        for c in (cfgs[self.k::self.n] if share else cfgs):
+            if c.run_id in self.finished:
+                continue
+            h = _stored(c)
+            if h is not None and h.get("status") in ("complete", "failed"):
+                self.finished.add(c.run_id)
+                continue
+            return c
+        return None
+
+    def _choices(self, task):
+        if task not in self.chosen:
+            if "lr" in self.phases:  # 'all': select from the logs once the task's sweep is done
+                select_lrs(self.dirs["lr"], self.spec, self.tasks, self.figures_dir,
+                           self.profile, **self.overrides)  # the table so far, every task
+                sel = select_lrs(self.dirs["lr"], self.spec, [task], None, self.profile,
+                                 **self.overrides)["choices"]
+            else:
+                sel = read_selection(self.figures_dir)
+            self.chosen[task] = sel.get(task)
+        return {task: self.chosen[task]} if self.chosen[task] else {}
+
+    def next(self):
+        """(next config or None, whether this worker waits on other workers' lr runs)."""
+        waiting = False
+        for task in self.tasks:
+            lr_cfgs = lr_selection_configs(self.spec, task, self.dirs["lr"], self.profile,
+                                           **self.overrides)
+            if "lr" in self.phases:
+                cfg = self._todo(lr_cfgs)
+                if cfg is not None:
+                    return cfg, waiting
+                if "main" in self.phases and self._todo(lr_cfgs, share=False) is not None:
+                    waiting = True
+                    continue
+            if "main" in self.phases:
+                main = study_configs(self.spec, self._choices(task), tasks=[task],
+                                     logs_dir=self.dirs["main"], profile=self.profile,
+                                     **self.overrides)
+                cfg = self._todo(main)
+                if cfg is not None:
+                    return cfg, waiting
+        return None, waiting
+
+
+def work(spec: Study = STUDY, tasks=None, phases=("lr", "main"), dirs=None, shard=None,
+         deadline: float | None = None, profile: str = "cpu", figures_dir: str = FIGURES,
+         poll_s: float = 5.0, **overrides) -> list[dict]:
+    """Run this worker's share of the study in priority order, one run at a time, until nothing
+    is left or the ``deadline`` (a time.time() value) passes: no run is launched after it.
+    Resumable: complete and failed runs are skipped, killed ones resume. ``shard=(k, n)``:
+    n workers, each with its own k, share the study without overlap. Returns run_configs'
+    summaries of the runs this worker looked at."""
+    from .sweep import run_configs
+
+    tasks = tuple(tasks or spec.tasks)
+    dirs = {**LOGS, **(dirs or {})}
+    worker = _Worker(spec, tasks, phases, dirs, shard, profile, figures_dir, overrides)
+    done = []
+    while True:
+        if deadline is not None and time.time() >= deadline:
+            print("study: deadline reached, no new runs launched", flush=True)
+            return done
+        cfg, waiting = worker.next()
+        if cfg is None and not waiting:
+            if phases == ("lr", "main"):  # the final selection table, every task
+                select_lrs(dirs["lr"], spec, tasks, figures_dir, profile, **overrides)
+            return done
+        if cfg is None:  # other workers still run lr sweeps this worker's main grid needs
+            time.sleep(poll_s)
+            continue
+        res = run_configs([cfg])
+        done += res
+        if res and res[0]["status"] in ("complete", "failed"):
+            worker.finished.add(cfg.run_id)  # also a crash that left no log: not retried here
+        if res and res[0]["status"] == "locked":  # another live worker holds it: do not spin
+            time.sleep(poll_s)
+
+
+def _shard(s: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in s.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {s!r}: want K/N, e.g. 0/2") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard {s}: need 0 <= K < N")
+    return k, n
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m pipeline.study",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phase", choices=["lr", "select", "main", "all"])
+    p.add_argument("--tasks", nargs="+", default=None, help="default: the spec's, in priority "
+                                                            "order")
+    p.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                   help="this worker's share: every N-th run from the K-th")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="launch no run after this many seconds")
+    p.add_argument("--logs-dir", default=LOGS["main"], help="main grid logs")
+    p.add_argument("--lr-logs-dir", default=LOGS["lr"], help="lr-selection logs")
+    p.add_argument("--figures-dir", default=FIGURES, help="where lr_selection.{md,json} go")
+    p.add_argument("--glue-dir", default=None, help="GLUE folder (default: $GLUE_DIR, then "
+                                                    "../shared/glue)")
+    p.add_argument("--smoke", action="store_true", help="the tiny study (tests, dry runs)")
+    p.add_argument("--gpu", action="store_true", help="GPU profile: 10 seeds, bf16 autocast, "
+                                                      "no epoch checkpoints")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their status")
+    a = p.parse_args(argv)
+    spec = SMOKE if a.smoke else STUDY
+    unknown = [t for t in a.tasks or () if t not in spec.tasks and t not in TASKS]
+    if unknown:
+        p.error(f"--tasks {unknown}: not in the study; use some of {list(TASKS)}")
+    return a, spec
+
+
+def main(argv=None) -> int:
+    a, spec = parse_args(argv)
+    tasks = tuple(a.tasks or spec.tasks)
+    profile = "gpu" if a.gpu else "cpu"
+    overrides = {"glue_dir": a.glue_dir} if a.glue_dir else {}
+    dirs = {"lr": a.lr_logs_dir, "main": a.logs_dir}
+    if a.phase == "select":
+        sel = select_lrs(a.lr_logs_dir, spec, tasks, a.figures_dir, profile, **overrides)
+        print(selection_markdown(sel))
+        return 0
+    if a.dry_run:
+        from .sweep import run_configs
+
+        cfgs = [c for t in tasks for c in lr_selection_configs(spec, t, a.lr_logs_dir, profile,
+                                                               **overrides)]
+        if a.phase in ("main", "all"):
+            try:
+                chosen = read_selection(a.figures_dir)
+                cfgs += study_configs(spec, chosen, tasks=[t for t in tasks if t in chosen],
+                                      logs_dir=a.logs_dir, profile=profile, **overrides)
+            except FileNotFoundError as e:
+                print(f"main grid: {e}")
+        run_configs(cfgs, dry_run=True, shard=a.shard)
+        return 0
+    phases = {"lr": ("lr",), "main": ("main",), "all": ("lr", "main")}[a.phase]
+    deadline = None if a.deadline_s is None else time.time() + a.deadline_s
+    res = work(spec, tasks, phases, dirs, a.shard, deadline, profile, a.figures_dir,
+               **overrides)
+    ran = [r for r in res if not r["skipped"]]
+    failed = [r["run_id"] for r in ran if r["status"] == "failed"]
+    print(f"study {a.phase}: {len(ran)} runs made, {len(failed)} failed {failed or ''}".rstrip(),
+          flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

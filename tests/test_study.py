@@ -1,0 +1,162 @@
+"""The study spec, lr selection and the worker's run order (pipeline.study). Runs are faked
+(a log written in place of training) so the order and the selection logic are tested fast;
+the real runs are exercised by the GPU kit's dry run (test_gpu_kit.py)."""
+import json
+import math
+from dataclasses import asdict, replace
+
+import pytest
+
+from pipeline import study as S
+from pipeline.methods import METHODS, method_of
+
+
+def test_spec_is_the_protocol():
+    spec = S.STUDY
+    assert set(spec.methods) == set(METHODS)
+    assert spec.tasks[:2] == ("mrpc", "cola") and set(spec.tasks) == set(S.EPOCHS)
+    assert not set(spec.selection_seeds) & {s for p in S.STUDY_SEEDS.values() for s in p}
+    assert len(spec.study_seeds["cpu"]) == 5 and len(spec.study_seeds["gpu"]) == 10
+    for m, grid in spec.lr_grids.items():  # sorted, >= 3 points, log-spaced within 3x steps
+        assert list(grid) == sorted(grid) and len(grid) >= 3, m
+        assert all(1 < b / a <= 3.34 for a, b in zip(grid, grid[1:])), m
+    assert spec.lr_grids["orthogonal"][0] == 1e-3 and spec.lr_grids["orthogonal"][-1] == 2e-2
+
+
+def test_configs_carry_the_spec():
+    cfgs = S.lr_selection_configs(S.STUDY, "mrpc")
+    assert len(cfgs) == sum(len(g) for g in S.LR_GRIDS.values()) * len(S.SELECTION_SEEDS)
+    assert len({c.run_id for c in cfgs}) == len(cfgs)
+    assert {method_of(asdict(c)) for c in cfgs} == set(METHODS)
+    assert all(c.val_fraction == 0.1 and c.epochs == 5 and c.eval_every_steps == 25 and
+               c.logs_dir == "logs/study_lr" and c.mixed_precision == "no" for c in cfgs)
+    sst2 = S.lr_selection_configs(S.STUDY, "sst2", profile="gpu")
+    assert all(c.subsample_train == 10_000 and c.epochs == 2 and c.mixed_precision == "bf16"
+               and not c.checkpoint for c in sst2)
+    chosen = {m: g[1] for m, g in S.LR_GRIDS.items()}
+    main = S.study_configs(S.STUDY, {"mrpc": chosen}, tasks=["mrpc"])
+    per_method = {m: sorted(c.seed for c in main if method_of(asdict(c)) == m) for m in METHODS}
+    assert per_method["orthogonal"] == [0, 1, 2, 3, 4] and per_method["full"] == [0, 1, 2]
+    assert [c.seed for c in main] == sorted(c.seed for c in main)  # seed by seed
+    gpu = S.study_configs(S.STUDY, {"mrpc": chosen}, tasks=["mrpc"], profile="gpu")
+    assert len(gpu) == 10 * len(METHODS)
+    with pytest.raises(ValueError, match="no lrs selected for cola"):
+        S.study_configs(S.STUDY, {"mrpc": chosen}, tasks=["cola"])
+
+
+# a small spec: one task, three methods, three lrs, two selection seeds
+SPEC = replace(S.SMOKE, methods=("orthogonal", "svd", "full"),
+               lr_grids={"orthogonal": (1e-3, 3e-3, 1e-2), "svd": (1e-3, 3e-3, 1e-2),
+                         "full": (1e-5, 3e-5, 1e-4)},
+               selection_seeds=(100, 101), study_seeds={"cpu": (0, 1), "gpu": (0, 1)},
+               reference_seeds={"cpu": (0,), "gpu": (0,)})
+# val metric of a fake run: orthogonal peaks at 3e-3 (inside), svd rises to the top edge
+VAL = {"orthogonal": {1e-3: 0.70, 3e-3: 0.80, 1e-2: 0.75}, "svd": {1e-3: 0.6, 3e-3: 0.7, 1e-2: 0.8},
+       "full": {1e-5: 0.7, 3e-5: 0.9, 1e-4: 0.8}}
+
+
+def fake_log(cfg, status="complete", value=None):
+    m = method_of(asdict(cfg))
+    value = VAL[m][cfg.lr] + (cfg.seed % 100) * 1e-3 if value is None else value
+    path = S.L.log_path(cfg.logs_dir, cfg.task, cfg.run_id)
+    S.L.atomic_write_json({"status": status, "config": asdict(cfg), "main_metric": "accuracy",
+                           "selection": {"metric": "accuracy", "value": value, "step": 1},
+                           "adapter_stats": {"ax_rms": 0.5}}, path)
+
+
+def test_select_lrs_picks_the_best_mean_and_flags_the_edge(tmp_path):
+    lr_dir, fig = str(tmp_path / "lr"), tmp_path / "fig"
+    cfgs = S.lr_selection_configs(SPEC, "mrpc", lr_dir)
+    for c in cfgs[:-1]:
+        fake_log(c)
+    sel = S.select_lrs(lr_dir, SPEC, figures_dir=str(fig))
+    assert sel["choices"] == {} and sel["pending"] == {"mrpc": f"{len(cfgs) - 1}/{len(cfgs)} "
+                                                               "lr runs finished"}
+    fake_log(cfgs[-1], status="failed", value=float("nan"))  # full at 1e-4, seed 101 diverged
+    sel = S.select_lrs(lr_dir, SPEC, figures_dir=str(fig))
+    ch = sel["choices"]["mrpc"]
+    assert ch["orthogonal"]["lr"] == 3e-3 and ch["orthogonal"]["edge"] is None
+    assert math.isclose(ch["orthogonal"]["val"], 0.8005)
+    assert ch["svd"]["lr"] == 1e-2 and ch["svd"]["edge"] == "highest"
+    assert "extend the grid" in ch["svd"]["note"]
+    assert ch["full"]["lr"] == 3e-5
+    row = next(r for r in sel["rows"] if r["method"] == "full" and r["lr"] == 1e-4)
+    assert row["mean"] is None and row["n_failed"] == 1
+    assert json.loads((fig / "lr_selection.json").read_text())["choices"] == json.loads(
+        json.dumps(sel["choices"]))
+    md = (fig / "lr_selection.md").read_text()
+    assert "extend the grid" in md and "**0.8005**" in md
+    main = S.study_configs(SPEC, S.read_selection(str(fig)), tasks=["mrpc"])
+    assert {(method_of(asdict(c)), c.lr) for c in main} == {
+        ("orthogonal", 3e-3), ("svd", 1e-2), ("full", 3e-5)}
+
+
+def test_every_lr_failed_leaves_the_method_out(tmp_path):
+    lr_dir = str(tmp_path / "lr")
+    for c in S.lr_selection_configs(SPEC, "mrpc", lr_dir):
+        failed = method_of(asdict(c)) == "svd"
+        fake_log(c, status="failed" if failed else "complete")
+    ch = S.select_lrs(lr_dir, SPEC, figures_dir=None)["choices"]["mrpc"]
+    assert ch["svd"]["lr"] is None and "every lr failed" in ch["svd"]["note"]
+    main = S.study_configs(SPEC, {"mrpc": ch}, tasks=["mrpc"])
+    assert "svd" not in {method_of(asdict(c)) for c in main}
+
+
+def test_read_selection_missing_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pipeline.study select"):
+        S.read_selection(str(tmp_path))
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """run_configs replaced by one that writes a complete log and records the order."""
+    import pipeline.sweep
+
+    order = []
+
+    def run_configs(configs, *a, **k):
+        for c in configs:
+            order.append(c.run_id)
+            fake_log(c)
+        return [{"run_id": c.run_id, "status": "complete", "skipped": False} for c in configs]
+
+    monkeypatch.setattr(pipeline.sweep, "run_configs", run_configs)
+    return order
+
+
+def test_work_runs_lr_then_main_at_the_selected_lrs(tmp_path, fake_runs):
+    dirs = {"lr": str(tmp_path / "lr"), "main": str(tmp_path / "main")}
+    S.work(SPEC, dirs=dirs, figures_dir=str(tmp_path / "fig"))
+    n_lr = len(S.lr_selection_configs(SPEC, "mrpc"))
+    assert all(r.endswith(("s100", "s101")) for r in fake_runs[:n_lr])
+    main = fake_runs[n_lr:]
+    assert main == ["mrpc-lorafa-orthogonal-r8-lr3e-03-n64-s0",
+                    "mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-s0", "mrpc-full-lr3e-05-n64-s0",
+                    "mrpc-lorafa-orthogonal-r8-lr3e-03-n64-s1",
+                    "mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-s1"]
+    assert (tmp_path / "fig" / "lr_selection.md").is_file()
+    fake_runs.clear()
+    S.work(SPEC, dirs=dirs, figures_dir=str(tmp_path / "fig"))  # resumed: nothing left
+    assert fake_runs == []
+
+
+def test_work_shards_split_without_overlap_and_deadline_stops(tmp_path, fake_runs):
+    dirs = {"lr": str(tmp_path / "lr"), "main": str(tmp_path / "main")}
+    S.work(SPEC, dirs=dirs, deadline=0.0, figures_dir=None)
+    assert fake_runs == []  # a passed deadline launches nothing
+    S.work(SPEC, phases=("lr",), dirs=dirs, shard=(0, 2), figures_dir=None)
+    first = list(fake_runs)
+    assert first == [c.run_id for c in S.lr_selection_configs(SPEC, "mrpc")][0::2]
+    # worker 1 of 2, 'all': its lr share, then (worker 0's share is done) its main share
+    fake_runs.clear()
+    S.work(SPEC, dirs=dirs, shard=(1, 2), figures_dir=str(tmp_path / "fig"))
+    lr_ids = [c.run_id for c in S.lr_selection_configs(SPEC, "mrpc")]
+    assert fake_runs[:len(lr_ids[1::2])] == lr_ids[1::2]
+    assert not set(first) & set(fake_runs)
+    assert len(fake_runs) == len(lr_ids[1::2]) + 2  # main runs 1 and 3 of 5
+
+
+def test_cli_rejects_a_task_outside_the_study(capsys):
+    with pytest.raises(SystemExit):
+        S.main(["lr", "--tasks", "mnli"])
+    assert "not in the study" in capsys.readouterr().err
