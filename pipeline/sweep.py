@@ -240,8 +240,22 @@ def _owner(lock: Path) -> dict | None:
         return {}  # being written right now (or garbled): treat as held
 
 
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started (Linux clock ticks since boot; None elsewhere): tells a
+    reused pid (after a reboot, say) from the process that wrote a lock."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _me() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": _started(os.getpid())}
+
+
 def _alive(owner: dict) -> bool:
-    """False only when the owner is surely gone: same host and no such process."""
+    """False only when the owner is surely gone: same host, and no such process or one that
+    started at another time."""
     if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
         return True
     try:
@@ -250,7 +264,8 @@ def _alive(owner: dict) -> bool:
         return False
     except PermissionError:
         pass  # exists, another user's
-    return True
+    started = _started(owner["pid"])
+    return not (owner.get("started") and started and owner["started"] != started)
 
 
 def claim(lock: Path) -> tuple[bool, str]:
@@ -282,14 +297,14 @@ def claim(lock: Path) -> tuple[bool, str]:
             took_over = f"took over the stale lock of pid {owner['pid']} (gone)"
             continue
         with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": L.now()}, f)
+            json.dump({**_me(), "since": L.now()}, f)
         return True, took_over
     return False, f"could not claim {lock} (it keeps changing)"
 
 
 def release(lock: Path) -> None:
     owner = _owner(lock)
-    if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+    if owner and all(owner.get(k) == v for k, v in _me().items()):
         lock.unlink(missing_ok=True)
 
 

@@ -218,9 +218,9 @@ def _dead_pid():
     return p.pid
 
 
-def _lock(tmp_path, pid, host=None):
+def _lock(tmp_path, pid, host=None, **more):
     lock = tmp_path / "run.lock"
-    lock.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname()}))
+    lock.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), **more}))
     return lock
 
 
@@ -241,6 +241,10 @@ def test_claim_is_exclusive_and_takes_over_only_stale_locks(tmp_path):
     stale = _lock(tmp_path, dead)
     assert S.claim(stale) == (True, f"took over the stale lock of pid {dead} (gone)")
     assert json.loads(stale.read_text())["pid"] == os.getpid()
+    S.release(stale)
+    # a live pid that started after the lock was written (reused, e.g. after a reboot)
+    reused = _lock(tmp_path, os.getppid(), started="1")
+    assert S.claim(reused) == (True, f"took over the stale lock of pid {os.getppid()} (gone)")
     assert os.listdir(tmp_path) == ["run.lock"]
 
 
