@@ -1,32 +1,51 @@
 """Run logs: one JSON file per run at ``<logs_dir>/<task>/<run_id>.json``, rewritten atomically
-(temp file + os.replace) at the start, after every evaluation and at the end, so a reader never
-sees half a file and a killed run leaves its history up to the last evaluation.
+at the start, after every evaluation and at the end, so a reader never sees half a file and a
+killed run leaves its history up to the last evaluation. The writer helpers here keep the
+record-keeping out of the training loop.
 
-Log schema (``schema_version`` 1)::
+Log schema (``schema_version`` 2)::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "run_id": "mrpc-lorafa-svd-r8-lr3e-04-s0",
       "status": "running" | "complete" | "failed",
       "error": null | "one-line reason (e.g. non-finite loss at step 12)",
       "config": {...every RunConfig field...},
       "env": {"python", "platform", "packages": {"torch", "transformers", ...}, "device",
               "num_processes", "mixed_precision", "model_path", "git_commit"},
-      "data": {"source": "folder:<folder name>" | "hub", "n_train", "n_dev", "dev_split",
+      "data": {"source": "folder:<folder name>" | "hub", "n_train", "n_val", "n_test",
+               "eval_split": "val" | "dev",   # what evals/best/selection are measured on
+               "dev_split", "split_seed", "val_fraction", "val_ids_sha",
                "steps_per_epoch", "total_steps"},
       "model": {"num_params", "trainable_params", "adapted_modules": [...]},
-      "main_metric": "accuracy",            # metric used for 'best' and steps-to-reach
+      "adapter_stats": {"ax_rms", "per_layer": {module: rms}, "batches"} | null,
+                                            # RMS of A·x at init (adapters only)
+      "gradient_init": {"batches": N} | null,   # init="gradient": batches that estimated G
+      "main_metric": "accuracy",            # the selection metric
       "train": {"step": [...], "loss": [...], "lr": [...], "penalty": [...] (reg_coeff > 0)},
                                             # per optimizer step: mean data loss of the batch
-      "epochs": [{"epoch": 1, "step": 115, "train_loss": ..., "train_time_s": ...,
-                  "dev_loss": ..., "accuracy": ..., ...}],   # one per finished epoch
-      "evals": [{"step": 115, "epoch": 1.0, "dev_loss": ..., "accuracy": ..., ...}],
-                                            # every evaluation (end of epoch and every N steps)
-      "final": {"dev_loss": ..., "accuracy": ...},          # last evaluation
-      "best": {"accuracy": {"value": ..., "step": ...}, ...},  # best per metric (min dev_loss)
-      "wall_time_s": ..., "started_at": "ISO time", "updated_at": "ISO time",
-      "resumed_at_epoch": [...]              # epochs a resumed session started from
+      "epochs": [{"epoch": 1, "step": 115, "train_loss", "train_time_s", "loss", <metric>...}],
+      "evals": [{"step": 115, "epoch": 1.0, "loss": ..., "accuracy": ..., ...}],
+                                            # every evaluation of the eval split (val)
+      "final": {"loss": ..., "accuracy": ...},              # last evaluation
+      "best": {"accuracy": {"value": ..., "step": ...}, ...},  # best per metric (min loss)
+      "selection": {"metric", "step", "value"},  # the val-best step of the main metric
+      "stopped_early": null | {"step", "epoch"},  # patience ran out
+      "test": {"at_best": {"step", "loss", <metric>...}, "final": {...}} | null,
+                                            # GLUE dev at the val-best step and at the end
+                                            # (null when eval_split is "dev": no test set)
+      "predictions": "<run_id>.preds.npz" | null,  # beside the log: test outputs at the
+                                            # val-best step; arrays index (GLUE dev row),
+                                            # pred (logits (n, C) or STS-B scores (n,)), label
+      "wall_time_s": ...,                   # summed over every session of the run
+      "started_at": "ISO time", "updated_at": "ISO time",
+      "resumed_at_epoch": [...]              # every resume: the epoch it started from
     }
+
+Schema 1 (the pilot protocol) had no validation split: evals were GLUE dev with key
+"dev_loss", "data" had "n_dev", and there were no "selection", "test", "predictions" or
+"adapter_stats". Such logs stay readable; ``RunConfig.from_dict`` gives their configs the
+pilot values of the newer settings (val_fraction=0, save_predictions=False).
 
 Metric keys: accuracy, f1 (MRPC/QQP), matthews (CoLA), pearson/spearman (STS-B).
 """
@@ -36,12 +55,15 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+import numpy as np
+
+from lora.io import atomic_write
+
+SCHEMA_VERSION = 2
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "peft", "safetensors",
             "scikit-learn", "scipy", "numpy", "tokenizers")
 LOWER_IS_BETTER = {"dev_loss", "loss"}
@@ -56,21 +78,25 @@ def log_path(logs_dir, task: str, run_id: str) -> Path:
 
 
 def atomic_write_json(obj, path) -> None:
-    """Write to a temp file in the same folder, then os.replace (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; logs are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON atomically (lora.io.atomic_write: temp file, fsync, os.replace)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+
+
+def predictions_path(log: Path) -> Path:
+    return log.with_name(log.name.removesuffix(".json") + ".preds.npz")
+
+
+def write_predictions(log, outputs, labels) -> str:
+    """Save per-example test outputs beside the log (arrays index, pred, label); returns the
+    file name the log records."""
+    out = predictions_path(Path(log))
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, index=np.arange(len(labels)), pred=np.asarray(outputs),
+                     label=np.asarray(labels))
+    atomic_write(out, write)
+    return out.name
 
 
 def read_log(path) -> dict:
@@ -113,8 +139,57 @@ def environment(device=None, num_processes=1, mixed_precision="no", model_path=N
             "git_commit": git_commit()}
 
 
+# ---------------------------------------------------------------- writing one run's log
+def new_history(config: dict, env: dict, data: dict, model: dict, main_metric: str,
+                reg: bool) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION, "run_id": None, "status": "running", "error": None,
+        "config": config, "env": env, "data": data, "model": model, "adapter_stats": None,
+        "gradient_init": None, "main_metric": main_metric,
+        "train": {"step": [], "loss": [], "lr": [], **({"penalty": []} if reg else {})},
+        "epochs": [], "evals": [], "final": {}, "best": {}, "selection": None,
+        "stopped_early": None, "test": None, "predictions": None,
+        "wall_time_s": 0.0, "started_at": now(), "updated_at": now(), "resumed_at_epoch": []}
+
+
+def resumed_history(checkpointed: dict, stored: dict | None, epoch: int) -> dict:
+    """The history to continue from a checkpoint: the checkpoint's records (later ones are
+    replayed), but the wall time and resume list of the latest log, so both count every
+    session, including the work a kill threw away."""
+    h = checkpointed
+    if stored is not None and stored.get("run_id") == h.get("run_id"):
+        h["wall_time_s"] = max(h["wall_time_s"], stored.get("wall_time_s") or 0.0)
+        h["resumed_at_epoch"] = list(stored.get("resumed_at_epoch") or [])
+    h["resumed_at_epoch"].append(epoch)
+    return h
+
+
+def record_step(history: dict, step: int, loss: float, lr: float, penalty=None) -> None:
+    t = history["train"]
+    t["step"].append(step)
+    t["loss"].append(loss)
+    t["lr"].append(lr)
+    if "penalty" in t:
+        t["penalty"].append(penalty)
+
+
+def record_eval(history: dict, step: int, epoch: float, metrics: dict) -> dict:
+    """Append an evaluation of the eval split and refresh final/best/selection."""
+    rec = {"step": step, "epoch": round(epoch, 4), **metrics}
+    history["evals"].append(rec)
+    summarize(history)
+    return rec
+
+
+def record_epoch(history: dict, epoch: int, step: int, train_loss: float,
+                 train_time_s: float, metrics: dict) -> None:
+    history["epochs"].append({"epoch": epoch, "step": step, "train_loss": train_loss,
+                              "train_time_s": train_time_s, **metrics})
+
+
 def summarize(history: dict) -> None:
-    """Fill 'final' and 'best' from 'evals' (in place)."""
+    """Fill 'final', 'best' and 'selection' from 'evals' (in place). Ties go to the earliest
+    step."""
     evals = history.get("evals", [])
     if not evals:
         return
@@ -127,6 +202,24 @@ def summarize(history: dict) -> None:
             v, s = pick(vals, key=lambda t: t[0])
             best[k] = {"value": v, "step": s}
     history["best"] = best
+    m = history.get("main_metric")
+    if m in best and "selection" in history:
+        history["selection"] = {"metric": m, **best[m]}
+
+
+def evals_since_best(history: dict) -> int:
+    """Evaluations after the selected (val-best) one: what ``patience`` counts."""
+    sel = history.get("selection")
+    if not sel:
+        return 0
+    return sum(e["step"] > sel["step"] for e in history["evals"])
+
+
+def write_log(history: dict, path, wall_time_s: float) -> None:
+    history["wall_time_s"] = wall_time_s
+    history["updated_at"] = now()
+    atomic_write_json(history, path)
+
 
 
 # ---------------------------------------------------------------- reading many logs

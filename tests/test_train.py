@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline import logs as L
 from pipeline import train as T
 from pipeline.train import RunConfig, compute_metrics, run_experiment
 
@@ -24,7 +25,8 @@ TIME_KEYS = {"train_time_s", "wall_time_s", "started_at", "updated_at", "resumed
 def tiny(glue_dir, tmp_path, model, **kw):
     base = dict(task="mrpc", model=model, variant="lorafa", init="svd", rank=4, alpha=8,
                 lr=5e-3, epochs=2, batch_size=8, subsample_train=24, subsample_dev=16,
-                logs_dir=str(tmp_path / "logs"), glue_dir=str(glue_dir), quiet=True)
+                logs_dir=str(tmp_path / "logs"), glue_dir=str(glue_dir), quiet=True,
+                val_fraction=0)  # the pilot protocol (eval on dev); the val protocol: test_protocol
     base.update(kw)
     return RunConfig(**base)
 
@@ -73,12 +75,12 @@ MINILM_TRAINABLE = {  # 24 attention linears of 384x384, rank 8; head = classifi
     ("full", "svd", 0.0), ("lora", "kaiming", 0.0), ("lorafa", "svd", 0.1)])
 def test_two_step_smoke_minilm(glue_dir, tmp_path, variant, init, reg):
     cfg = RunConfig(task="mrpc", variant=variant, init=init, reg_coeff=reg, lr=1e-3, epochs=1,
-                    batch_size=4, subsample_train=8, subsample_dev=8, quiet=True,
+                    batch_size=4, subsample_train=8, subsample_dev=8, quiet=True, val_fraction=0,
                     logs_dir=str(tmp_path / "logs"), glue_dir=str(glue_dir))
     h = run_experiment(cfg)
     assert h["status"] == "complete" and h["train"]["step"] == [1, 2]
     assert all(math.isfinite(x) for x in h["train"]["loss"])
-    assert set(h["final"]) == {"dev_loss", "accuracy", "f1"}
+    assert set(h["final"]) == {"loss", "accuracy", "f1"}
     n = h["model"]["trainable_params"]
     if variant == "full":
         assert n == h["model"]["num_params"] and h["model"]["adapted_modules"] == []
@@ -103,7 +105,7 @@ def test_other_inits_tiny(glue_dir, tmp_path, tiny_bert_dir, init):
 
 def test_stsb_and_cola_tiny(glue_dir, tmp_path, tiny_bert_dir):
     h = run_experiment(tiny(glue_dir, tmp_path, tiny_bert_dir(), task="stsb", epochs=1))
-    assert set(h["final"]) == {"dev_loss", "pearson", "spearman"}
+    assert set(h["final"]) == {"loss", "pearson", "spearman"}
     h = run_experiment(tiny(glue_dir, tmp_path, tiny_bert_dir(), task="cola", epochs=1,
                             eval_every_steps=1))
     assert "matthews" in h["final"] and [e["step"] for e in h["evals"]] == [1, 2, 3]
@@ -111,7 +113,8 @@ def test_stsb_and_cola_tiny(glue_dir, tmp_path, tiny_bert_dir):
 
 def test_head_lr_param_groups(tiny_bert_dir):
     cfg = RunConfig(model=tiny_bert_dir(), rank=2, lr=1e-4, head_lr=1e-2, weight_decay=0.1)
-    model, *_ = T.build_model(cfg, 2)
+    model, *_ = T.load_model(cfg, 2)
+    T.add_adapters(cfg, model)
     opt = T.make_optimizer(model, cfg)
     by_lr = {}
     for g in opt.param_groups:
@@ -140,7 +143,7 @@ def test_nonfinite_loss_stops_and_keeps_history(glue_dir, tmp_path, tiny_bert_di
     def poisoned(logits, labels, regression):
         calls["n"] += 1
         loss = real(logits, labels, regression)
-        return loss * float("nan") if calls["n"] == 5 else loss  # 3 steps + 1 eval, then step 4
+        return loss * float("nan") if calls["n"] == 4 else loss  # training step 4 (evals: metrics)
     monkeypatch.setattr(T, "per_example_loss", poisoned)
     cfg = tiny(glue_dir, tmp_path, tiny_bert_dir(), epochs=3)
     h = run_experiment(cfg)
@@ -166,31 +169,58 @@ T.run_experiment(cfg)
 """
 
 
+def run_until_killed(script, cfg, epoch, resumes=0):
+    """Start a slowed run (0.3 s a step, 4 steps an epoch, an eval every step) in a subprocess
+    and SIGKILL it once its log holds the eval of step 2 of epoch ``epoch + 1``; returns the
+    log it left (``resumes``: how many resumes came before, to tell its log from the last)."""
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(cfg.__dict__), "0.3"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = Path(cfg.logs_dir) / "mrpc" / f"{cfg.run_id}.json"
+    deadline = time.time() + 120
+    def reached():
+        h = json.loads(log.read_text()) if log.exists() else {"evals": []}
+        return (len(h.get("resumed_at_epoch", [])) == resumes
+                and any(e["step"] == 4 * epoch + 2 for e in h["evals"]))
+    while not reached():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, f"no eval at step {4 * epoch + 2} after 120 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return json.loads(log.read_text())
+
+
 def test_resume_after_sigkill(glue_dir, tmp_path, tiny_bert_dir):
+    """Killed in epoch 2, resumed and killed in epoch 2 again, resumed: the same history as
+    an uninterrupted run; every resume listed; the wall time counts every session."""
     model = tiny_bert_dir(0.1)
     script = tmp_path / "runner.py"
     script.write_text(RUNNER.format(root=str(ROOT)))
-    cfg = tiny(glue_dir, tmp_path / "killed", model, epochs=3, subsample_train=32)
-    args = json.dumps({k: v for k, v in cfg.__dict__.items()})
-    proc = subprocess.Popen([sys.executable, str(script), args, "0.3"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = Path(cfg.logs_dir) / "mrpc" / ".ckpt" / cfg.run_id / "epoch-1"
-    deadline = time.time() + 120
-    while not ckpt.is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline, "no epoch-1 checkpoint after 120 s"
-        time.sleep(0.05)
-    time.sleep(0.5)  # ~1-2 steps into epoch 2 (4 steps of 0.3 s each)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    log = json.loads((Path(cfg.logs_dir) / "mrpc" / f"{cfg.run_id}.json").read_text())
-    assert log["status"] == "running" and len(log["epochs"]) == 1  # killed inside epoch 2
+    kw = dict(epochs=3, subsample_train=32, eval_every_steps=1)
+    cfg = tiny(glue_dir, tmp_path / "killed", model, **kw)
+    first = run_until_killed(script, cfg, 1)
+    assert first["status"] == "running" and len(first["epochs"]) == 1  # killed inside epoch 2
+    assert len(first["evals"]) >= 6  # the log holds evals of epoch 2 the checkpoint lacks
+    second = run_until_killed(script, cfg, 1, resumes=1)  # killed in epoch 2 again
+    assert second["resumed_at_epoch"] == [1] and len(second["epochs"]) == 1
+    assert second["wall_time_s"] > first["wall_time_s"]  # continued from the latest log
+    t = time.time()
     resumed = run_experiment(cfg)
-    assert resumed["status"] == "complete" and resumed["resumed_at_epoch"] == [1]
-    clean = run_experiment(tiny(glue_dir, tmp_path / "clean", model, epochs=3,
-                                subsample_train=32))
+    elapsed = time.time() - t
+    assert resumed["status"] == "complete" and resumed["resumed_at_epoch"] == [1, 1]
+    assert resumed["wall_time_s"] >= second["wall_time_s"] + 0.5 * elapsed
+    clean = run_experiment(tiny(glue_dir, tmp_path / "clean", model, **kw))
     assert_close_history(resumed, clean, tol=1e-9)
-    assert not ckpt.parent.exists()
+    assert not (Path(cfg.logs_dir) / "mrpc" / ".ckpt").exists()  # removed when complete
+
+
+def test_resumed_history_keeps_every_session():
+    ckpt = {"run_id": "r", "wall_time_s": 10.0, "resumed_at_epoch": [1]}
+    stored = {"run_id": "r", "wall_time_s": 25.0, "resumed_at_epoch": [1, 1]}
+    h = L.resumed_history(dict(ckpt, resumed_at_epoch=[1]), stored, 2)
+    assert h["wall_time_s"] == 25.0 and h["resumed_at_epoch"] == [1, 1, 2]
+    h = L.resumed_history(dict(ckpt, resumed_at_epoch=[1]), None, 2)  # the log was deleted
+    assert h["wall_time_s"] == 10.0 and h["resumed_at_epoch"] == [1, 2]
 
 
 def test_checkpoint_config_mismatch(glue_dir, tmp_path, tiny_bert_dir):
