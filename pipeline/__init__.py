@@ -1,7 +1,8 @@
 """svd-lorafa experiment pipeline: GLUE data, one accelerate train/eval loop, JSON run logs,
 grid sweeps and plot helpers. Submodules import lazily-heavy libraries only where needed."""
 from .data import GlueFormatError, TASKS, get_task, load_examples, make_collator, tokenize
-from .logs import load_curves, load_logs, read_log
+from .analysis import load_curves, load_logs
+from .logs import read_log
 from .models import resolve_model
 from .train import RunConfig, compute_metrics, evaluate, run_experiment
 

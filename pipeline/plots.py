@@ -1,69 +1,83 @@
-"""Plot and table helpers for the notebooks, on the frames of ``pipeline.logs``:
+"""Figures from the frames of ``pipeline.analysis`` and ``pipeline.stats`` (plotting only):
 
-    runs = load_logs("logs")                   # one row per run
-    curves = load_curves("logs", kind="eval")  # long format: run, config, step, metric, value
+    plot_task(runs, evals, train, "mrpc")        # train loss + eval metric, seed bands
+    plot_forest(stats.compare(runs))             # paired differences vs the baseline, 95% CIs
+    plot_convergence(analysis.convergence(evals, runs))   # steps to target, censored marked
+    plot_metric_vs(runs, x="lr")                 # a sweep: metric against a config value
 
-    plot_curves(curves.query("task == 'mrpc' and rank == 8"), "accuracy", by=("init",))
-    results_table(runs, "accuracy")                        # mean ± std over seeds
-    steps_to_reach_baseline(curves, runs, "accuracy", baseline={"init": "kaiming"})
+Every method keeps one colour (``METHOD_COLORS``, in ``pipeline.methods`` order) and its
+label from ``pipeline.methods.label``.
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from .data import TASKS
+from .analysis import _as_list, complete, curve_stats, main_metric, method_order, task_label
+from .methods import METHODS, label
+
+# one colour per method in every figure (tab10 order, then matplotlib's cycle)
+METHOD_COLORS = dict(zip(METHODS, ["#1f77b4", "#ff7f0e", "#2ca02c", "#17becf", "#e377c2",
+                                   "#9467bd", "#d62728"]))
+MARKERS = "osD^v<>"
+# metrics whose chance level is 0 whatever the labels (a constant prediction scores 0)
+ZERO_AT_CHANCE = {"matthews", "pearson", "spearman"}
 
 
-def task_label(task: str) -> str:
-    """GLUE's own spelling for figures and tables: 'cola' -> 'CoLA', 'stsb' -> 'STS-B'."""
-    return TASKS[task].folder if task in TASKS else str(task).upper()
-
-GROUP = ("task", "variant", "init", "rank", "lr")  # a configuration, seeds aside
-
-
-def _color(name):
-    """The method's fixed colour, or None (matplotlib's cycle) for other groupings."""
-    return globals().get("METHOD_COLORS", {}).get(name)
+def _name(by, key):
+    key = key if isinstance(key, tuple) else (key,)
+    if by == ["method"]:
+        return label(key[0])
+    if len(by) == 1:
+        return f"{by[0]}={key[0]:g}" if isinstance(key[0], float) else str(key[0])
+    return ", ".join(f"{b}={k}" for b, k in zip(by, key))
 
 
-def _as_list(x):
-    return [x] if isinstance(x, str) else list(x)
+def _sorted_groups(df, by):
+    groups = list(df.groupby(by, sort=True))
+    return sorted(groups, key=lambda kv: method_order(kv[0][0] if isinstance(kv[0], tuple)
+                                                      else kv[0])) if by == ["method"] else groups
 
 
-def curve_stats(curves: pd.DataFrame, metric: str, by=("init",), x="step") -> pd.DataFrame:
-    """Mean, std and seed count of ``metric`` per (by..., x)."""
-    by = _as_list(by)
-    d = curves[curves["metric"] == metric]
-    if d.empty:
-        raise ValueError(f"no '{metric}' points in these curves; metrics present: "
-                         f"{sorted(curves['metric'].unique())}")
-    g = d.groupby(by + [x])["value"]
-    out = g.agg(["mean", "std", "count"]).reset_index()
-    out["std"] = out["std"].fillna(0.0)  # one seed: no band rather than NaN
-    return out
+def _chance_line(ax, metric):
+    if metric in ZERO_AT_CHANCE:
+        ax.axhline(0, color="0.3", lw=1, ls=":", label=f"chance ({metric} 0)")
 
 
-def plot_curves(curves: pd.DataFrame, metric: str, by=("init",), x="step", ax=None,
-                title: str | None = None, band: bool = True):
+def _min_span(ax, span=0.1):
+    """Keep at least ``span`` of y range: a few examples' difference is not a cliff."""
+    lo, hi = ax.get_ylim()
+    if hi - lo < span:
+        mid = (hi + lo) / 2
+        ax.set_ylim(mid - span / 2, mid + span / 2)
+
+
+def _legend_below(fig, handles, labels, ncol=3):
+    """One legend for the whole figure, under the panels (saved with bbox_inches='tight')."""
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize="small",
+               ncol=min(ncol, len(labels)), frameon=False)
+
+
+def plot_curves(curves: pd.DataFrame, metric: str, by=("method",), x="step", ax=None,
+                title: str | None = None, band: bool = True, legend: bool = True):
     """One line per group of ``by`` (mean over the remaining runs, i.e. seeds) with a
-    mean ± std band. Filter ``curves`` to one task/rank/lr first so groups are comparable."""
+    mean ± std band and the group's seed count. Filter ``curves`` to one task (and one
+    configuration per group) first so groups are comparable."""
     import matplotlib.pyplot as plt
 
     by = _as_list(by)
     stats = curve_stats(curves, metric, by, x)
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
-    for j, (key, g) in enumerate(stats.groupby(by, sort=True)):
-        key = key if isinstance(key, tuple) else (key,)
-        name = str(key[0]) if len(by) == 1 else ", ".join(f"{b}={k}" for b, k in zip(by, key))
-        if by == ["reg_coeff"]:
-            name = f"reg_coeff={key[0]:g}"
+    for j, (key, g) in enumerate(_sorted_groups(stats, by)):
+        name = _name(by, key)
+        color = METHOD_COLORS.get(key[0] if isinstance(key, tuple) else key) \
+            if by == ["method"] else None
         # per-step train loss: no markers (they would hide the line); eval points: a distinct,
         # shrinking marker per group, so identical lines (two runs at chance) stay visible
         dense = len(g) > 60
-        line, = ax.plot(g[x], g["mean"], marker=None if dense else "osD^v"[j % 5],
-                        markersize=6 - (j % 4), alpha=0.85, color=_color(name),
+        line, = ax.plot(g[x], g["mean"], marker=None if dense else MARKERS[j % len(MARKERS)],
+                        markersize=6 - (j % 4), alpha=0.85, color=color,
                         label=f"{name} (n={g['count'].max()})")
         if band:
             ax.fill_between(g[x], g["mean"] - g["std"], g["mean"] + g["std"],
@@ -72,213 +86,132 @@ def plot_curves(curves: pd.DataFrame, metric: str, by=("init",), x="step", ax=No
     ax.set_ylabel(metric)
     if title:
         ax.set_title(title)
-    ax.legend(fontsize="small")
+    if legend:
+        ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return ax
 
 
-def results_table(runs: pd.DataFrame, metric: str | None = None, by=GROUP,
-                  which: str = "final", complete_only: bool = True) -> pd.DataFrame:
-    """Mean, std and n over seeds of ``<which>_<metric>`` (which: 'final' | 'best') per group,
-    plus a 'mean ± std' text column. ``metric`` defaults to each run's main metric."""
-    by = _as_list(by)
-    d = runs[runs["status"] == "complete"] if complete_only else runs
-    if d.empty:
-        raise ValueError("no (complete) runs to tabulate")
-    if metric is None:
-        metrics = d["main_metric"].dropna().unique()
-        if len(metrics) != 1:
-            raise ValueError(f"runs have several main metrics {list(metrics)}: pass metric=")
-        metric = metrics[0]
-    col = f"{which}_{metric}"
-    if col not in d:
-        raise ValueError(f"no column {col!r}: metrics present: "
-                         f"{sorted(c for c in d.columns if c.startswith(which + '_'))}")
-    t = d.groupby(by, dropna=False)[col].agg(["mean", "std", "count"]).reset_index()
-    t["std"] = t["std"].fillna(0.0)
-    t[f"{col} (mean ± std)"] = [f"{m:.4f} ± {s:.4f}" for m, s in zip(t["mean"], t["std"])]
-    return t.rename(columns={"count": "n"})
-
-
-def steps_to_reach(curves: pd.DataFrame, metric: str, target: float,
-                   higher_is_better: bool = True) -> pd.DataFrame:
-    """Per run: the first evaluated step whose ``metric`` reaches ``target`` (NaN: never)."""
-    d = curves[curves["metric"] == metric].sort_values("step")
-    rows = []
-    for run_id, g in d.groupby("run_id", sort=True):
-        hit = g["value"] >= target if higher_is_better else g["value"] <= target
-        first = g.loc[hit, "step"]
-        row = g.iloc[0].drop(["step", "epoch", "metric", "value"]).to_dict()
-        row["steps_to_target"] = float(first.iloc[0]) if len(first) else np.nan
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def steps_to_reach_baseline(curves: pd.DataFrame, runs: pd.DataFrame, metric: str,
-                            baseline: dict, by=GROUP, which: str = "final",
-                            higher_is_better: bool = True, paired: bool = True) -> pd.DataFrame:
-    """How fast each group reaches the baseline's quality. Baseline runs are the rows of
-    ``runs`` matching every key of ``baseline`` (e.g. {"init": "orthogonal"}); their
-    ``<which>_<metric>`` is the target. ``paired`` (default): each run is held to the
-    baseline run of its own seed (same data order), so the baseline itself always reaches it
-    and runs of seeds without a baseline run are left out; else one target for all, the
-    baseline's mean. Per group of ``by``: mean/std of steps to the target over seeds, how many
-    seeds reached it, and the speedup vs the baseline's own mean steps. Column ``target`` is
-    the mean target."""
-    by = _as_list(by)
-    mask = np.ones(len(runs), dtype=bool)
-    for k, v in baseline.items():
-        mask &= (runs[k] == v).to_numpy()
-    base = runs[mask & (runs["status"] == "complete").to_numpy()]
-    if base.empty:
-        raise ValueError(f"no complete runs match baseline {baseline}")
-    col = f"{which}_{metric}"
-    if paired:
-        targets = base.groupby("seed")[col].mean()  # one baseline run per seed in a grid
-        per_run = pd.concat([steps_to_reach(curves[curves["seed"] == seed], metric, target,
-                                            higher_is_better)
-                             for seed, target in targets.items()], ignore_index=True)
-    else:
-        targets = base[col]
-        per_run = steps_to_reach(curves, metric, float(targets.mean()), higher_is_better)
-    t = per_run.groupby(by, dropna=False)["steps_to_target"].agg(
-        mean_steps="mean", std_steps="std", reached="count", n="size").reset_index()
-    base_steps = per_run[per_run["run_id"].isin(base["run_id"])]["steps_to_target"].mean()
-    t["speedup_vs_baseline"] = base_steps / t["mean_steps"]
-    t.attrs["target"] = float(targets.mean())
-    t.insert(0, "target", float(targets.mean()))
-    return t
-
-
-# ---------------------------------------------------------------- presentation helpers
-METHODS = ["full FT", "LoRA (kaiming)", "LoRA (svd)", "LoRA-FA (kaiming)", "LoRA-FA (orthogonal)",
-           "LoRA-FA (svd)", "LoRA-FA (svd_minor)", "LoRA-FA (svd, orthonormal A)"]
-
-
-# one colour per method in every figure (tab10 order)
-METHOD_COLORS = dict(zip(METHODS, ["#1f77b4", "#ff7f0e", "#8c564b", "#9467bd", "#2ca02c",
-                                   "#d62728", "#e377c2", "#17becf"]))
-
-
-def with_method(df: pd.DataFrame) -> pd.DataFrame:
-    """Add a readable 'method' column (variant + init), e.g. 'LoRA-FA (svd)', 'full FT';
-    SVD inits with all of S in B (``svd_split='b'``) read 'LoRA-FA (svd, orthonormal A)'."""
-    df = df.copy()
-    names = {"full": "full FT", "lora": "LoRA", "lorafa": "LoRA-FA"}
-    split = df["svd_split"] if "svd_split" in df else ["sqrt"] * len(df)
-    df["method"] = [names[v] if v == "full" else
-                    f"{names[v]} ({i}, orthonormal A)" if str(i).startswith("svd") and sp == "b"
-                    else f"{names[v]} ({i})" for v, i, sp in zip(df["variant"], df["init"], split)]
-    return df
-
-
-def _method_key(m):
-    return (METHODS.index(m) if m in METHODS else len(METHODS), m)
-
-
 def plot_task(runs: pd.DataFrame, eval_curves: pd.DataFrame, train_curves: pd.DataFrame,
               task: str, by: str = "method", smooth: int = 10, title: str | None = None):
-    """Two panels for one task: train loss (rolling mean over ``smooth`` steps) and the dev
-    main metric vs optimizer step, one line per ``by`` group, mean ± std over seeds."""
+    """Two panels for one task: train loss (rolling mean over ``smooth`` steps) and the
+    evaluated split's main metric (val, or dev for pilot logs) vs optimizer step, one line
+    per ``by`` group, mean ± std over seeds, complete runs only."""
     import matplotlib.pyplot as plt
 
     r = runs[runs["task"] == task]
     if r.empty:
-        raise ValueError(f"no runs for task {task!r}; tasks present: {sorted(runs['task'].unique())}")
-    metric = r["main_metric"].dropna().iloc[0]
+        raise ValueError(f"no runs for task {task!r}; tasks present: "
+                         f"{sorted(runs['task'].unique())}")
+    metric = main_metric(r)
+    split = "dev" if (r["protocol"] == "pilot").all() else "val"
     fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(12, 4.2))
-    tr = train_curves[(train_curves["task"] == task) & (train_curves["metric"] == "loss")].copy()
-    tr = tr.sort_values("step")
-    tr["value"] = tr.groupby("run_id")["value"].transform(
-        lambda v: v.rolling(smooth, min_periods=1).mean())
-    ev = eval_curves[eval_curves["task"] == task]
+    ids = train_curves["run_id"].isin(r["run_id"])  # only the runs given (e.g. one protocol)
+    tr = complete(train_curves[ids & (train_curves["metric"] == "loss")]).sort_values("step")
+    tr = tr.assign(value=tr.groupby("run_id")["value"].transform(
+        lambda v: v.rolling(smooth, min_periods=1).mean()))
     # a run still going would pull the mean and n of a seed band; the table skips it too
-    tr, ev = tr[tr["status"] == "complete"], ev[ev["status"] == "complete"]
+    ev = complete(eval_curves[eval_curves["run_id"].isin(r["run_id"])])
     if ev.empty:
         raise ValueError(f"no complete runs for task {task!r} yet: finish or resume them first")
-    plot_curves(tr, "loss", by=(by,), ax=ax_loss)
-    plot_curves(ev, metric, by=(by,), ax=ax_dev)
+    plot_curves(tr, "loss", by=(by,), ax=ax_loss, legend=False)
+    _chance_line(ax_dev, metric)
+    plot_curves(ev, metric, by=(by,), ax=ax_dev, legend=False)
+    _min_span(ax_dev)
     ax_loss.set_ylabel(f"train loss (mean of {smooth} steps)")
-    ax_dev.set_ylabel(f"dev {metric}")
+    ax_dev.set_ylabel(f"{split} {metric}")
     for ax in (ax_loss, ax_dev):
         ax.set_xlabel("optimizer step")
     fig.suptitle(title or f"{task_label(task)}: mean ± std over seeds (complete runs)")
     fig.tight_layout()
+    _legend_below(fig, *ax_dev.get_legend_handles_labels())
     return fig
 
 
-def final_results(runs: pd.DataFrame, which: str = "best", by: str = "method") -> pd.DataFrame:
-    """Wide table: one row per ``by`` group, one column per task with 'mean ± std (n)' of the
-    task's main metric (``which``: 'best' epoch/eval or 'final')."""
-    d = runs[runs["status"] == "complete"]
-    cols = {}
-    for task, g in d.groupby("task", sort=True):
-        metric = g["main_metric"].dropna().iloc[0]
-        t = results_table(g, metric, by=(by,), which=which)
-        cols[f"{task_label(task)} {metric}"] = {
-            k: f"{m:.3f} ± {s:.3f} (n={n})"
-            for k, m, s, n in zip(t[by], t["mean"], t["std"], t["n"])}
-    table = pd.DataFrame(cols).fillna("not run")
-    table = table.loc[sorted(table.index, key=_method_key if by == "method" else str)]
-    table.index.name = by
-    return table
-
-
-def plot_convergence(conv: pd.DataFrame, ax=None, title: str | None = None):
-    """Bar chart of ``steps_to_reach_baseline`` output grouped by task and method: mean steps
-    to reach the target (error bar = std over seeds); runs that never reach it are marked."""
+def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str | None = None):
+    """Forest plot of ``stats.compare``: per task a panel, per method the mean paired
+    difference vs the baseline with its 95% t interval (thick), the example-level bootstrap
+    interval (thin, below) when ``boot`` is given, a line at 0, and n and the verdict at the
+    right. A method with n < 2 has a point and no interval."""
     import matplotlib.pyplot as plt
 
-    if ax is None:
-        _, ax = plt.subplots(figsize=(9, 4))
+    tasks = sorted(cmp["task"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(8, 5.2 * len(tasks)), 0.55 * cmp.groupby(
+        "task").size().max() + 1.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        g = cmp[cmp["task"] == task].sort_values("method", key=lambda s: s.map(method_order))
+        ys = np.arange(len(g))[::-1]
+        for y, r in zip(ys, g.itertuples()):
+            color = METHOD_COLORS.get(r.method, "0.2")
+            ax.errorbar(r.mean_diff, y, xerr=[[r.mean_diff - r.ci_low], [r.ci_high - r.mean_diff]]
+                        if np.isfinite(r.ci_low) else None, fmt="o", color=color, lw=2.5,
+                        capsize=4)
+            b = None if boot is None or boot.empty else boot[
+                (boot["task"] == task) & (boot["method"] == r.method)]
+            if b is not None and len(b):
+                ax.plot([b["ci_low"].iloc[0], b["ci_high"].iloc[0]], [y - 0.25] * 2, color=color,
+                        lw=1, alpha=0.7)
+            note = r.verdict if "n =" in r.verdict else f"{r.verdict} (n = {r.n})"
+            ax.annotate(note, (1.02, y), xycoords=("axes fraction", "data"), va="center",
+                        fontsize=8)
+        ax.axvline(0, color="0.3", lw=1, ls="--")
+        ax.set_yticks(ys, [label(m) for m in g["method"]])
+        ax.set_ylim(ys.min() - 0.7, ys.max() + 0.7)
+        ax.set_xlabel(f"{g['quantity'].iloc[0]}: method − {label(g['baseline'].iloc[0])}")
+        ax.set_title(task_label(task))
+        ax.grid(axis="x", alpha=0.3)
+    from matplotlib.lines import Line2D
+    keys = [Line2D([], [], color="0.3", lw=2.5, marker="o")]
+    names = ["mean difference over seeds, 95% t interval"]
+    if boot is not None and not boot.empty:
+        keys.append(Line2D([], [], color="0.3", lw=1))
+        names.append("95% paired bootstrap interval over test examples (seeds pooled)")
+    fig.suptitle(title or "Paired differences vs the baseline run of the same seed")
+    fig.tight_layout()
+    _legend_below(fig, keys, names, ncol=1)
+    return fig
+
+
+def plot_convergence(conv: pd.DataFrame, title: str | None = None):
+    """``analysis.convergence`` per task: each seed's steps to reach the paired baseline's
+    target as a filled dot; a run that never reached it (censored) as an open triangle at
+    its last step (it had that many steps and did not get there); 'k/n reached' at the
+    right."""
+    import matplotlib.pyplot as plt
+
     tasks = sorted(conv["task"].unique())
-    methods = sorted(conv["method"].unique(), key=_method_key)
-    width = 0.8 / len(methods)
-    for j, m in enumerate(methods):
-        xs, ys, es, notes = [], [], [], []
-        for i, task in enumerate(tasks):
-            row = conv[(conv["task"] == task) & (conv["method"] == m)]
-            if row.empty:
-                continue
-            row = row.iloc[0]
-            xs.append(i + (j - (len(methods) - 1) / 2) * width)
-            ys.append(0.0 if np.isnan(row["mean_steps"]) else row["mean_steps"])
-            es.append(0.0 if np.isnan(row["std_steps"]) else row["std_steps"])
-            notes.append(f"{int(row['reached'])}/{int(row['n'])}")
-        # std bars clipped at 0 steps (a count of steps is never negative)
-        bars = ax.bar(xs, ys, width, yerr=[np.minimum(es, ys), es], label=m, capsize=3,
-                      color=_color(m))
-        for b, e, note in zip(bars, es, notes):  # how many seeds reached the target at all
-            ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height() + e),
-                        ha="center", va="bottom", fontsize=7, xytext=(0, 2),
-                        textcoords="offset points")
-    # the target under each task: a target at chance (e.g. MCC 0) makes that task's bars moot
-    targets = conv.groupby("task")["target"].first()
-    ax.set_xticks(range(len(tasks)), [f"{task_label(t)}\n(target {targets[t]:.3f})"
-                                      for t in tasks])
-    ax.set_ylabel("optimizer steps to reach target")
-    ax.set_title(title or "Steps to reach the best dev metric of the random-init LoRA-FA run "
-                          "of the same seed\n(bar: mean ± std over the seeds that reached it; "
-                          "label: seeds that reached it)")
-    ax.legend(fontsize="small", ncol=2)
-    ax.grid(axis="y", alpha=0.3)
-    return ax
-
-
-def sweep_table(runs: pd.DataFrame, x: str = "lr", by: str = "method",
-                which: str = "final") -> pd.DataFrame:
-    """Wide table of a sweep: one row per ``by`` group, one column per value of ``x``, cells
-    'main metric / dev loss' (mean over seeds of the ``which`` values; blank: not run)."""
-    d = runs[runs["status"] == "complete"]
-    if d.empty:
-        raise ValueError("no complete runs in this sweep")
-    metric = d["main_metric"].dropna().iloc[0]
-    g = d.groupby([by, x])[[f"{which}_{metric}", f"{which}_dev_loss"]].mean()
-    cells = [f"{m:.3f} / {l:.3f}" for m, l in g.to_numpy()]
-    table = pd.Series(cells, index=g.index).unstack(x).fillna("")
-    table = table.loc[sorted(table.index, key=_method_key if by == "method" else str)]
-    table.columns = [f"{x} {v:g}" for v in table.columns]
-    return table
+    n_methods = conv.groupby("task")["method"].nunique().max()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(8, 5.2 * len(tasks)),
+                                                     0.5 * n_methods + 1.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        c = conv[conv["task"] == task]
+        methods = sorted(c["method"].unique(), key=method_order)
+        for y, m in zip(range(len(methods))[::-1], methods):
+            g = c[c["method"] == m].sort_values("seed")
+            dy = np.linspace(-0.2, 0.2, len(g)) if len(g) > 1 else np.zeros(1)  # seeds apart
+            reached = ~g["censored"].to_numpy()
+            color = METHOD_COLORS.get(m, "0.2")
+            ax.scatter(g["steps_to_target"][reached], y + dy[reached], color=color, s=30)
+            ax.scatter(g["last_step"][~reached], y + dy[~reached], facecolors="none",
+                       edgecolors=color, marker=">", s=45)
+            ax.annotate(f"{reached.sum()}/{len(g)} reached", (1.02, y),
+                        xycoords=("axes fraction", "data"), va="center", fontsize=8)
+        ax.set_yticks(range(len(methods))[::-1], [label(m) for m in methods])
+        ax.set_xlim(0, 1.06 * c["last_step"].max())
+        ax.set_xlabel("optimizer steps to reach the target")
+        target, metric = c["target"], c["metric"].iloc[0]
+        moot = " — at chance: moot" if metric in ZERO_AT_CHANCE and target.max() < 0.01 else ""
+        ax.set_title(f"{task_label(task)}: target = baseline's {c['target_of'].iloc[0]}\n"
+                     f"({target.min():.3f}–{target.max():.3f}{moot})", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    from matplotlib.lines import Line2D
+    fig.suptitle(title or "Steps until a run first reaches the value of the "
+                          f"{label(conv['baseline'].iloc[0])} run with the same seed")
+    fig.tight_layout()
+    _legend_below(fig, [Line2D([], [], ls="", marker="o", color="0.3"),
+                        Line2D([], [], ls="", marker=">", mfc="none", mec="0.3")],
+                  ["reached (one dot per seed)", "never reached: censored at its last step"])
+    return fig
 
 
 def plot_metric_vs(runs: pd.DataFrame, x: str = "lr", metric: str | None = None,
@@ -289,19 +222,19 @@ def plot_metric_vs(runs: pd.DataFrame, x: str = "lr", metric: str | None = None,
     axis via symlog."""
     import matplotlib.pyplot as plt
 
-    d = runs[runs["status"] == "complete"]
-    if metric is None:
-        metric = d["main_metric"].dropna().iloc[0]
+    d = complete(runs)
+    metric = metric or main_metric(d)
     col = f"{which}_{metric}"
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
-    groups = sorted(d.groupby(by), key=lambda kv: _method_key(str(kv[0])))
-    for j, (key, g) in enumerate(groups):
+    for j, (key, g) in enumerate(_sorted_groups(d, [by])):
+        key = key[0] if isinstance(key, tuple) else key
         s = g.groupby(x)[col].agg(["mean", "std"]).reset_index().sort_values(x)
         # distinct markers and shrinking sizes keep identical lines (e.g. two inits both at
         # the majority-class accuracy) visible on top of each other
-        line, = ax.plot(s[x], s["mean"], marker="osD^v"[j % 5], markersize=9 - 1.5 * (j % 4),
-                        alpha=0.85, label=str(key), color=_color(str(key)))
+        line, = ax.plot(s[x], s["mean"], marker=MARKERS[j % len(MARKERS)],
+                        markersize=9 - 1.5 * (j % 4), alpha=0.85, label=_name([by], key),
+                        color=METHOD_COLORS.get(key) if by == "method" else None)
         ax.fill_between(s[x], s["mean"] - s["std"].fillna(0), s["mean"] + s["std"].fillna(0),
                         color=line.get_color(), alpha=0.2, linewidth=0)
     if logx:
@@ -310,8 +243,10 @@ def plot_metric_vs(runs: pd.DataFrame, x: str = "lr", metric: str | None = None,
             ax.set_xscale("symlog", linthresh=float(nonzero.min()))
         else:
             ax.set_xscale("log")
+    _chance_line(ax, metric)
+    split = "dev" if (d["protocol"] == "pilot").all() else "val"
     ax.set_xlabel(x)
-    ax.set_ylabel(f"dev {metric} ({which})")
+    ax.set_ylabel(f"{split} {metric} ({which})")
     if title:
         ax.set_title(title)
     ax.legend(fontsize="small")

@@ -1,0 +1,186 @@
+"""Paired statistics: every method against a baseline method, per task, paired by seed.
+
+    cmp = compare(runs)                  # seed-level: mean difference, t CI, t and Wilcoxon p
+    boot = bootstrap(runs)               # example-level paired bootstrap from saved predictions
+    Path("figures/stats.md").write_text(stats_markdown(cmp, boot))
+
+Two runs with the same seed share the data order, the val split and the initial head, so
+the difference of their test metrics removes that seed-to-seed noise: the statistics are
+on the per-seed differences ``method - baseline`` (``analysis.pair_with_baseline``).
+Conclusions are worded from the intervals (``verdict``): "better" / "worse" only when the
+95% CI excludes 0, "undetermined at n = K" otherwise; "equivalent" only against an
+explicit margin.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats as st
+
+from .analysis import (complete, load_predictions, main_metric, method_order,
+                       pair_with_baseline, task_label)
+from .methods import label
+from .metrics import compute_metrics
+
+
+def paired_summary(diffs, confidence: float = 0.95) -> dict:
+    """Mean of paired differences, its t interval (n-1 df), the paired t-test p (= one-sample
+    t-test of the differences against 0) and the Wilcoxon signed-rank p. What cannot be
+    computed is NaN, with the reason in ``note`` (n < 2; all differences equal or zero)."""
+    d = np.asarray(diffs, dtype=float)
+    n = len(d)
+    out = dict(n=n, mean_diff=float(d.mean()) if n else np.nan, sd_diff=np.nan,
+               ci_low=np.nan, ci_high=np.nan, t_p=np.nan, wilcoxon_p=np.nan, note="")
+    if n < 2:
+        out["note"] = f"n = {n}: no interval or test"
+        return out
+    sd = float(d.std(ddof=1))
+    half = st.t.ppf(0.5 + confidence / 2, n - 1) * sd / np.sqrt(n)
+    out.update(sd_diff=sd, ci_low=out["mean_diff"] - half, ci_high=out["mean_diff"] + half)
+    # equal up to float rounding (0.7 - 0.6 vs 0.8 - 0.7): the t statistic would be noise
+    if np.allclose(d, 0, rtol=0, atol=1e-12):
+        out["note"] = "all differences 0: no test"
+    elif np.allclose(d, d[0], rtol=0, atol=1e-12):
+        out["note"] = "all differences equal: no t-test"
+        out["wilcoxon_p"] = float(st.wilcoxon(d).pvalue)
+    else:
+        out["t_p"] = float(st.ttest_1samp(d, 0.0).pvalue)
+        out["wilcoxon_p"] = float(st.wilcoxon(d).pvalue)
+    return out
+
+
+def compare(runs: pd.DataFrame, baseline: str = "orthogonal", which: str = "test",
+            column: str | None = None, confidence: float = 0.95) -> pd.DataFrame:
+    """Per task and method: ``paired_summary`` of (method - baseline) over the seeds both
+    have, on ``<which>_<main metric>`` (default: test at the val-best checkpoint) or on
+    ``column`` (e.g. 'auc'), plus ``verdict``. Complete runs only."""
+    rows = []
+    for task, g in complete(runs).groupby("task", sort=True):
+        col = column or f"{which}_{main_metric(g)}"
+        pairs = pair_with_baseline(g, col, baseline)
+        for method in sorted(set(g["method"]) - {baseline}, key=method_order):
+            s = paired_summary(pairs.loc[pairs["method"] == method, "diff"], confidence)
+            rows.append({"task": task, "quantity": col, "method": method,
+                         "baseline": baseline, **s,
+                         "verdict": verdict(s["ci_low"], s["ci_high"], s["n"])})
+    return pd.DataFrame(rows)
+
+
+def verdict(low: float, high: float, n: int, margin: float | None = None) -> str:
+    """How an interval for (method - baseline) may be worded: 'better' (it lies above 0),
+    'worse' (below 0), 'equivalent within ±margin' (inside (-margin, margin): only with an
+    explicit margin), else 'undetermined at n = K'."""
+    if np.isfinite(low) and np.isfinite(high):
+        if low > 0:
+            return "better"
+        if high < 0:
+            return "worse"
+        if margin is not None and -margin < low and high < margin:
+            return f"equivalent within ±{margin:g}"
+    return f"undetermined at n = {n}"
+
+
+# ---------------------------------------------------------------- example-level bootstrap
+def _predictions(run, metric):
+    """(index, predicted class or score, label) of a run; checks the file against the log."""
+    if not isinstance(run.predictions, str):
+        raise ValueError(f"{run.run_id}: no saved predictions; rerun with save_predictions=True")
+    p = load_predictions(run.predictions)
+    pred = p["pred"].argmax(-1) if p["pred"].ndim == 2 else p["pred"]
+    order = np.argsort(p["index"])
+    index, pred, y = p["index"][order], pred[order], p["label"][order]
+    logged = getattr(run, f"test_{metric}", np.nan)
+    if not np.isclose(compute_metrics(run.task, pred, y)[metric], logged, atol=1e-6):
+        raise ValueError(f"{run.predictions}: its {metric} differs from the log's "
+                         f"test_{metric} {logged}: not this run's predictions")
+    return index, pred, y
+
+
+def bootstrap(runs: pd.DataFrame, baseline: str = "orthogonal", n_boot: int = 1000,
+              seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
+    """Example-level paired bootstrap of the test main metric, per task and method, pooling
+    the seeds both methods have: each resample draws test examples with replacement (the
+    same draw for every run of the task) and takes mean-over-seeds(method) minus
+    mean-over-seeds(baseline), each metric recomputed with ``compute_metrics``. Columns:
+    task, method, n_seeds, n_examples, diff (on the full test set), ci_low, ci_high (the
+    percentile interval) and p (two-sided: twice the smaller tail of the resampled
+    differences around 0). Deterministic in ``seed``. It measures test-set sampling noise
+    given these seeds, not seed-to-seed noise (that is ``compare``'s)."""
+    rows = []
+    for task, g in complete(runs).groupby("task", sort=True):
+        metric = main_metric(g)
+        pairs = pair_with_baseline(g, f"test_{metric}", baseline)
+        if pairs.empty:
+            continue
+        by_id = {r.run_id: r for r in g.itertuples()}
+        ref_index = _predictions(by_id[pairs["baseline_run_id"].iloc[0]], metric)[0]
+        n = len(ref_index)
+        # row 0: the full test set; then n_boot resamples of its rows, shared by every run
+        rng = np.random.default_rng(seed)
+        draws = np.vstack([np.arange(n), rng.integers(0, n, size=(n_boot, n))])
+        scores = {}  # run_id -> its metric on each row of draws
+
+        def score(run_id):
+            if run_id not in scores:
+                index, pred, y = _predictions(by_id[run_id], metric)
+                if not np.array_equal(index, ref_index):
+                    raise ValueError(f"{by_id[run_id].predictions}: its test rows differ from "
+                                     f"the other {task} runs': not the same test set")
+                scores[run_id] = np.array([compute_metrics(task, pred[i], y[i])[metric]
+                                           for i in draws])
+            return scores[run_id]
+
+        for method in sorted(set(pairs["method"]), key=method_order):
+            p = pairs[pairs["method"] == method]
+            a = np.mean([score(r) for r in p["run_id"]], axis=0)
+            b = np.mean([score(r) for r in p["baseline_run_id"]], axis=0)
+            diff, boot = a[0] - b[0], (a - b)[1:]
+            lo, hi = np.quantile(boot, [0.5 - confidence / 2, 0.5 + confidence / 2])
+            pval = min(1.0, 2 * min(np.mean(boot <= 0), np.mean(boot >= 0)))
+            rows.append({"task": task, "metric": metric, "method": method,
+                         "baseline": baseline, "n_seeds": len(p), "n_examples": n,
+                         "diff": float(diff), "ci_low": float(lo), "ci_high": float(hi),
+                         "p": float(pval)})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- markdown
+def _fmt(x, spec=".3f"):
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
+
+
+def stats_markdown(cmp: pd.DataFrame, boot: pd.DataFrame | None = None,
+                   conv: pd.DataFrame | None = None, title: str | None = None) -> str:
+    """The stats table as markdown, one section per task: per method the paired difference
+    vs the baseline (mean, 95% t CI, n, paired t and Wilcoxon p, verdict), the bootstrap
+    interval when ``boot`` is given, and the convergence summary (``conv``: rows of
+    ``analysis.convergence_summary``) when given; ``title`` on top."""
+    lines = [f"# {title}", ""] if title else []
+    for task, g in cmp.groupby("task", sort=True):
+        base = label(g["baseline"].iloc[0])
+        lines += [f"## {task_label(task)}: {g['quantity'].iloc[0]}, method − {base} "
+                  "(paired by seed)", "",
+                  "| method | n | mean diff | 95% CI (t) | paired t p | Wilcoxon p "
+                  "| bootstrap 95% CI | verdict | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in g.itertuples():
+            b = None if boot is None or boot.empty else boot[
+                (boot["task"] == task) & (boot["method"] == r.method)]
+            bci = (f"[{b['ci_low'].iloc[0]:+.3f}, {b['ci_high'].iloc[0]:+.3f}]"
+                   if b is not None and len(b) else "–")
+            ci = f"[{_fmt(r.ci_low, '+.3f')}, {_fmt(r.ci_high, '+.3f')}]"
+            lines.append(f"| {label(r.method)} | {r.n} | {_fmt(r.mean_diff, '+.3f')} | {ci} "
+                         f"| {_fmt(r.t_p)} | {_fmt(r.wilcoxon_p)} | {bci} | {r.verdict} "
+                         f"| {r.note} |")
+        lines.append("")
+        if conv is not None and task in set(conv["task"]):
+            c = conv[conv["task"] == task]
+            lines += ["Convergence: evaluated steps until a run first reaches the target "
+                      "(the baseline run of its seed; censored: never reached within the run), "
+                      "and the area under its eval curve / step range.", "",
+                      "| method | reached | median steps (reached) | mean AUC |",
+                      "|---|---|---|---|"]
+            lines += [f"| {label(r.method)} | {r.reached}/{r.n} | {_fmt(r.median_steps, '.0f')}"
+                      f" | {_fmt(r.auc)} |" for r in c.itertuples()]
+            lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""The figures draw what they claim: seed bands, a zero line and intervals in the forest plot,
+censored runs as their own marker (never as a zero-height bar), chance lines."""
+import matplotlib
+import numpy as np
+import pytest
+
+from pipeline import analysis as A
+from pipeline import plots as P
+from pipeline import stats as S
+from synthetic_logs import write_run
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture
+def study(tmp_path):
+    for s in range(3):
+        write_run(tmp_path, "orthogonal", s, [0.60, 0.70, 0.70 + 0.01 * s], n_wrong=6 + s)
+        write_run(tmp_path, "svd", s, [0.72, 0.74, 0.75] if s else [0.5, 0.55, 0.6],
+                  n_wrong=3 + s)
+    write_run(tmp_path, "gradient", 0, [0.6, 0.7, 0.8], n_wrong=2)
+    return tmp_path
+
+
+def test_plot_curves_draws_a_band_per_method(study):
+    ax = P.plot_curves(A.load_curves(study), "accuracy")
+    assert len(ax.lines) == 3 and len(ax.collections) == 3  # a mean line + band per method
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["LoRA-FA orthogonal (n=3)", "LoRA-FA svd (S in B) (n=3)",
+                      "LoRA-FA gradient (n=1)"]
+    assert ax.lines[0].get_color() == P.METHOD_COLORS["orthogonal"]
+
+
+def test_plot_task_skips_running_runs_and_labels_the_split(study):
+    write_run(study, "svd_minor", 0, [0.9], status="running")
+    runs, evals = A.load_logs(study), A.load_curves(study)
+    fig = P.plot_task(runs, evals, A.load_curves(study, "train"), "mrpc")
+    ax = fig.axes[1]
+    assert ax.get_ylabel() == "val accuracy" and len(ax.lines) == 3  # no svd_minor line
+    lo, hi = ax.get_ylim()
+    assert hi - lo >= 0.1  # a few examples' difference does not fill the axis
+
+
+def test_forest_plot_has_a_zero_line_and_an_interval_per_method(study):
+    runs = A.load_logs(study)
+    cmp = S.compare(runs)
+    fig = P.plot_forest(cmp, S.bootstrap(runs, n_boot=50))
+    ax = fig.axes[0]
+    zero = [ln for ln in ax.lines if list(ln.get_xdata()) == [0, 0]]
+    assert len(zero) == 1
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["LoRA-FA svd (S in B)",
+                                                            "LoRA-FA gradient"]
+    notes = [t.get_text() for t in ax.texts]
+    assert "undetermined at n = 1" in notes  # gradient: one seed, a point and no interval
+
+
+def test_convergence_marks_censored_runs_apart(study):
+    conv = A.convergence(A.load_curves(study), A.load_logs(study))
+    assert conv["censored"].sum() == 1  # svd seed 0 never reaches 0.70
+    fig = P.plot_convergence(conv)
+    ax = fig.axes[0]
+    open_marks = [c for c in ax.collections if len(c.get_offsets())
+                  and not np.any(c.get_facecolor()[:, 3])]
+    assert len(open_marks) == 1 and len(open_marks[0].get_offsets()) == 1
+    assert open_marks[0].get_offsets()[0][0] == 30  # at its last step, not at 0
+    assert not ax.patches  # no bars
+    assert "1/3 reached" not in [t.get_text() for t in ax.texts]
+    assert "2/3 reached" in [t.get_text() for t in ax.texts]
+
+
+def test_chance_line_for_matthews(tmp_path):
+    ax = matplotlib.pyplot.figure().gca()
+    P._chance_line(ax, "matthews")
+    P._chance_line(ax, "accuracy")  # no label-free chance level: nothing drawn
+    assert [list(ln.get_ydata()) for ln in ax.lines] == [[0, 0]]
+
+
+def test_plot_metric_vs_one_line_per_method(study):
+    write_run(study, "svd", 0, [0.5], lr=1e-3)
+    ax = P.plot_metric_vs(A.load_logs(study), x="lr", which="best")
+    assert [t.get_text() for t in ax.get_legend().get_texts()][:2] == [
+        "LoRA-FA orthogonal", "LoRA-FA svd (S in B)"]
+    assert ax.get_xscale() == "log" and ax.get_ylabel() == "val accuracy (best)"

@@ -1,0 +1,106 @@
+"""Paired statistics against scipy and hand-computed cases; pairing by seed; the bootstrap's
+determinism; the wording of intervals."""
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from pipeline import analysis as A
+from pipeline import stats as S
+from synthetic_logs import write_run
+
+
+def test_paired_summary_matches_a_hand_computed_interval_and_scipy():
+    a, b = np.array([0.71, 0.74, 0.70, 0.76]), np.array([0.70, 0.72, 0.70, 0.73])
+    s = S.paired_summary(a - b)
+    d = a - b  # 0.01, 0.02, 0.00, 0.03: mean 0.015, sd 0.012910
+    half = 3.182446305284263 * d.std(ddof=1) / 2  # t_{0.975, 3} * sd / sqrt(4)
+    assert s["n"] == 4 and s["mean_diff"] == pytest.approx(0.015)
+    assert (s["ci_low"], s["ci_high"]) == pytest.approx((0.015 - half, 0.015 + half))
+    assert s["t_p"] == pytest.approx(st.ttest_rel(a, b).pvalue)
+    assert s["wilcoxon_p"] == pytest.approx(st.wilcoxon(a, b).pvalue)
+    # diffs 1, 2, 3: mean 2, sd 1, t_{0.975, 2} = 4.302653 -> 2 ± 2.484138
+    s = S.paired_summary([1.0, 2.0, 3.0])
+    assert (s["ci_low"], s["ci_high"]) == pytest.approx((2 - 2.484138, 2 + 2.484138), abs=1e-6)
+
+
+def test_small_or_degenerate_samples_give_nan_with_a_reason():
+    s = S.paired_summary([0.02])
+    assert s["n"] == 1 and s["mean_diff"] == 0.02 and np.isnan(s["ci_low"])
+    assert np.isnan(s["t_p"]) and s["note"] == "n = 1: no interval or test"
+    s = S.paired_summary([])
+    assert s["n"] == 0 and np.isnan(s["mean_diff"])
+    s = S.paired_summary([0.0, 0.0, 0.0])
+    assert np.isnan(s["t_p"]) and np.isnan(s["wilcoxon_p"]) and "all differences 0" in s["note"]
+    assert s["ci_low"] == s["ci_high"] == 0.0
+    s = S.paired_summary([0.7 - 0.6, 0.8 - 0.7, 0.1])  # equal up to rounding
+    assert np.isnan(s["t_p"]) and s["wilcoxon_p"] == pytest.approx(0.25)
+    assert s["note"] == "all differences equal: no t-test"
+
+
+def test_verdict_wording():
+    assert S.verdict(0.01, 0.05, 5) == "better"
+    assert S.verdict(-0.05, -0.01, 5) == "worse"
+    assert S.verdict(-0.01, 0.05, 5) == "undetermined at n = 5"
+    assert S.verdict(np.nan, np.nan, 1) == "undetermined at n = 1"
+    # equivalence only with an explicit margin, and only when the whole interval is inside it
+    assert S.verdict(-0.01, 0.01, 5) == "undetermined at n = 5"
+    assert S.verdict(-0.01, 0.01, 5, margin=0.02) == "equivalent within ±0.02"
+    assert S.verdict(-0.01, 0.03, 5, margin=0.02) == "undetermined at n = 5"
+
+
+@pytest.fixture
+def study(tmp_path):
+    val = [0.6, 0.7]
+    for s, (n_base, n_svd) in enumerate([(6, 3), (8, 4), (5, 5)]):
+        write_run(tmp_path, "orthogonal", s, val, n_wrong=n_base)
+        write_run(tmp_path, "svd", s, val, n_wrong=n_svd)
+    write_run(tmp_path, "svd", 7, val, n_wrong=0)  # no baseline seed 7: not paired
+    write_run(tmp_path, "gradient", 0, val, n_wrong=6)
+    return tmp_path
+
+
+def test_compare_pairs_by_seed(study):
+    cmp = S.compare(A.load_logs(study)).set_index("method")
+    d = np.array([3, 4, 0]) / 40  # baseline errors minus svd errors, seeds 0-2
+    assert cmp.loc["svd", "n"] == 3 and cmp.loc["svd", "mean_diff"] == pytest.approx(d.mean())
+    assert cmp.loc["svd", "t_p"] == pytest.approx(st.ttest_1samp(d, 0).pvalue)
+    assert cmp.loc["svd", "quantity"] == "test_accuracy"
+    assert cmp.loc["gradient", "n"] == 1 and np.isnan(cmp.loc["gradient", "ci_low"])
+    assert cmp.loc["gradient", "verdict"] == "undetermined at n = 1"
+
+
+def test_bootstrap_is_deterministic_and_centred_on_the_observed_difference(study):
+    runs = A.load_logs(study)
+    b1 = S.bootstrap(runs, n_boot=200, seed=1).set_index("method")
+    b2 = S.bootstrap(runs, n_boot=200, seed=1).set_index("method")
+    b3 = S.bootstrap(runs, n_boot=200, seed=2).set_index("method")
+    assert b1.equals(b2) and not b1.equals(b3)
+    # full-set difference pooled over the 3 paired seeds: mean svd acc - mean orthogonal acc
+    assert b1.loc["svd", "diff"] == pytest.approx((3 + 4 + 0) / 3 / 40)
+    assert b1.loc["svd", "n_seeds"] == 3 and b1.loc["svd", "n_examples"] == 40
+    assert b1.loc["svd", "ci_low"] <= b1.loc["svd", "diff"] <= b1.loc["svd", "ci_high"]
+    # gradient seed 0 makes the baseline's errors on the same rows: every resample gives 0
+    g = b1.loc["gradient"]
+    assert g["diff"] == 0 and g["ci_low"] == 0 and g["ci_high"] == 0 and g["p"] == 1.0
+
+
+def test_bootstrap_refuses_predictions_that_do_not_match_the_log(study):
+    runs = A.load_logs(study)
+    path = runs.loc[runs["run_id"].str.endswith("svd-r8-lr5e-03-splitb-s1"), "predictions"]
+    with np.load(path.iloc[0]) as z:
+        arrays = dict(z)
+    arrays["pred"] = arrays["pred"][:, ::-1]  # every prediction flipped
+    np.savez(path.iloc[0], **arrays)
+    with pytest.raises(ValueError, match="differs from the log's test_accuracy"):
+        S.bootstrap(runs, n_boot=10)
+
+
+def test_stats_markdown_has_a_row_per_method(study):
+    runs = A.load_logs(study)
+    conv = A.convergence_summary(A.convergence(A.load_curves(study), runs))
+    md = S.stats_markdown(S.compare(runs), S.bootstrap(runs, n_boot=50), conv)
+    assert md.startswith("## MRPC: test_accuracy, method − LoRA-FA orthogonal")
+    rows = [line for line in md.splitlines() if line.startswith("| LoRA-FA")]
+    assert any(r.startswith("| LoRA-FA svd (S in B) | 3 | +0.058 |") for r in rows)
+    assert any("undetermined at n = 1" in r and "n = 1: no interval" in r for r in rows)
+    assert "| LoRA-FA orthogonal | 3/3 |" in md  # the convergence table
