@@ -382,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
         names = [f"--{f.name.replace('_', '-')}"] + (["--seeds"] if f.name == "seed" else [])
         default = f.default if f.default is not MISSING else "(computed)"
         help_ = f.metadata.get("help", "")
+        if list in typing.get_args(hints[f.name]):
+            help_ += "; a list is written a,b"
         if "default" not in help_:
             help_ += f" (default: {default})"
         if hints[f.name] is bool:

@@ -277,7 +277,7 @@ def test_two_workers_on_one_grid_never_run_a_config_twice(glue_dir, tmp_path, ti
 
 
 # ---------------------------------------------------------------- leftovers
-def test_next_sweep_removes_leftovers_but_not_those_of_live_runs(tmp_path):
+def test_next_sweep_removes_leftovers_but_not_those_of_live_runs(tmp_path, monkeypatch):
     folder = tmp_path / "mrpc"
     done, live, killed = (RunConfig(seed=s, logs_dir=str(tmp_path)) for s in (0, 1, 2))
     _write_log(done, "complete")
@@ -299,6 +299,11 @@ def test_next_sweep_removes_leftovers_but_not_those_of_live_runs(tmp_path):
                                       folder / ".ckpt" / done.run_id])
     assert temps[live.run_id].exists() and fresh.exists()  # a live run's, a write in flight
     assert (folder / ".ckpt" / killed.run_id / "epoch-1").is_dir()  # resumes from it
+    # the next sweep does it before its first run
+    (folder / ".ckpt" / done.run_id).mkdir(parents=True)
+    monkeypatch.setattr(S, "run_experiment", lambda cfg: _write_log(cfg, "complete"))
+    assert S.main(["--seeds", "0", "--logs-dir", str(tmp_path)]) == 0
+    assert not (folder / ".ckpt" / done.run_id).exists()
 
 
 def test_a_ddp_sweep_takes_one_decision_for_all_its_processes(glue_dir, tmp_path, tiny_bert_dir):
