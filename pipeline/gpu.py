@@ -1,0 +1,424 @@
+"""The GPU kit (issue 12): one short, prepared run on a GPU machine that has no network, no
+`datasets` and no copy of the embedded model — everything comes from a packed folder.
+
+    python -m pipeline.gpu pack [--dest .gpu] [--glue-dir DIR]     # here (make gpu-pack)
+    python -m pipeline.gpu --pack .gpu --out $OUT --budget-s 520    # there: the one run
+    python -m pipeline.gpu --pack .gpu --out DIR --budget-s 110 --smoke --workers 2   # CPU dry run
+    python -m pipeline.gpu unpack ARCHIVE                           # here (make gpu-unpack)
+
+The pack (<= 55 MiB, every file's sha256 in MANIFEST.json): the embedded MiniLM with its weights
+stored as float16 (half the bytes), its tokenizer and config, and the GLUE train/dev files of
+the study's tasks. At the run the weights are upcast to a float32 copy before anything loads
+them: training keeps fp32 master weights and computes in bf16 autocast.
+
+The run: (a) the memory / step-time benchmark (benchmarks.gpu, <= 90 s), (b) the study of
+pipeline.study (lr selection, then the main grid at 10 seeds, task by task in priority order)
+as N worker processes sharing the GPU (--shard K/N each); no run is launched after 80% of the
+budget and every worker is stopped 10 s before its end, keeping each finished log; (c) one
+archive of logs, selection table and benchmark JSON in --out, and a one-screen summary.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from . import study as S
+
+PACK_LIMIT = 55 * 2**20
+ARCHIVE_LIMIT = 16 * 2**20
+ARCHIVE = "gpu_results.tar.gz"
+MODEL_DIR, GLUE_DIR, MANIFEST = "minilm", "glue", "MANIFEST.json"
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.txt")
+# where `unpack` puts each part of the archive (relative to the repo root)
+UNPACK = {"logs/study": "logs/study_gpu", "logs/study_lr": "logs/study_gpu_lr",
+          "figures": "figures/gpu", "bench": "benchmarks/results/gpu"}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- pack (here)
+def pack(dest=".gpu", glue_dir=None, tasks=S.TASKS, model_dir=None) -> dict:
+    """Write the pack folder (replaced as a whole, atomically); returns its manifest.
+    ``model_dir``: another model folder in place of the embedded MiniLM (tests)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from .data import get_task, resolve_glue_dir
+    from .models import minilm_path
+
+    glue = resolve_glue_dir(glue_dir)
+    if glue is None:
+        raise FileNotFoundError("the pack needs a local GLUE folder: set GLUE_DIR or "
+                                "--glue-dir (the hub is not packed)")
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / MODEL_DIR).mkdir(parents=True)
+    src = Path(model_dir or minilm_path())
+    weights = load_file(src / "model.safetensors")
+    save_file({k: v.to(torch.float16) if v.is_floating_point() else v
+               for k, v in weights.items()}, tmp / MODEL_DIR / "model.safetensors",
+              metadata={"format": "pt", "note": "float16 storage; upcast to float32 at load"})
+    for name in MODEL_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, tmp / MODEL_DIR / name)
+    for task in tasks:
+        folder = get_task(task).folder
+        (tmp / GLUE_DIR / folder).mkdir(parents=True)
+        for split in ("train.tsv", "dev.tsv"):
+            if not (glue / folder / split).is_file():
+                raise FileNotFoundError(f"{glue / folder / split} not found: the pack needs "
+                                        f"train.tsv and dev.tsv of {list(tasks)}")
+            shutil.copy2(glue / folder / split, tmp / GLUE_DIR / folder / split)
+    files = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    total = sum(f["bytes"] for f in files.values())
+    if total > PACK_LIMIT:
+        shutil.rmtree(tmp)
+        raise ValueError(f"the pack would be {total / 2**20:.1f} MiB, over the "
+                         f"{PACK_LIMIT / 2**20:.0f} MiB limit: pack fewer tasks")
+    manifest = {"files": files, "total_bytes": total, "tasks": list(tasks),
+                "model": f"{'all-MiniLM-L6-v2' if model_dir is None else src.name}, float16 "
+                         "storage (upcast to float32 at load)",
+                "source_weights_sha256": _sha256(src / "model.safetensors")}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    print(f"pack {dest}: {len(files)} files, {total / 2**20:.1f} MiB "
+          f"(limit {PACK_LIMIT / 2**20:.0f}), sha256 in {dest / MANIFEST}")
+    return manifest
+
+
+def verify(pack_dir) -> dict:
+    """Check every file of the manifest (size and sha256); returns the manifest."""
+    pack_dir = Path(pack_dir)
+    if not (pack_dir / MANIFEST).is_file():
+        raise FileNotFoundError(f"{pack_dir / MANIFEST} not found: run `make gpu-pack` and "
+                                "send the folder with the run (carry)")
+    manifest = json.loads((pack_dir / MANIFEST).read_text())
+    for rel, f in manifest["files"].items():
+        p = pack_dir / rel
+        if not p.is_file() or p.stat().st_size != f["bytes"] or _sha256(p) != f["sha256"]:
+            raise ValueError(f"{p}: missing or not the packed file (size/sha256 differ): run "
+                             "`make gpu-pack` again")
+    return manifest
+
+
+def fp32_model(pack_dir, dest) -> Path:
+    """The packed float16 MiniLM upcast to a float32 copy (the master weights of training)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, dest = Path(pack_dir) / MODEL_DIR, Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    weights = load_file(src / "model.safetensors")
+    save_file({k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
+              dest / "model.safetensors", metadata={"format": "pt"})
+    for p in src.iterdir():
+        if p.name != "model.safetensors":
+            shutil.copy2(p, dest / p.name)
+    assert all(v.dtype != torch.float16 for v in load_file(dest / "model.safetensors").values())
+    return dest
+
+
+# ---------------------------------------------------------------- the run (there)
+def _gpu_util() -> float | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=5)
+        return float(out.stdout.split()[0]) if out.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def _count(logs_root: Path) -> dict:
+    """{'lr'|'main': {task: {status: n}}} of the logs written so far."""
+    out = {}
+    for phase, sub in (("lr", "study_lr"), ("main", "study")):
+        for p in (logs_root / sub).glob("*/*.json"):
+            try:
+                status = json.loads(p.read_text()).get("status")
+            except (json.JSONDecodeError, OSError):
+                continue
+            t = out.setdefault(phase, {}).setdefault(p.parent.name, {})
+            t[status] = t.get(status, 0) + 1
+    return out
+
+
+def _stop(procs, grace_s=5.0):
+    """SIGTERM each worker's process group, SIGKILL what is left after ``grace_s``."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    end = time.time() + grace_s
+    while time.time() < end and any(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _benchmark(work: Path, env, budget_s: float, cpu_smoke: bool) -> dict:
+    out = work / "bench" / "gpu_bench.json"
+    cmd = [sys.executable, "-m", "benchmarks.gpu", "--out", str(out), "--budget-s",
+           str(budget_s)] + (["--cpu-smoke"] if cpu_smoke else [])
+    with open(work / "bench.log", "w") as log:
+        try:
+            rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=budget_s + 45).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    if not out.is_file():
+        tail = (work / "bench.log").read_text()[-600:]
+        return {"error": f"benchmark exit {rc}; log tail: {tail}"}
+    return json.loads(out.read_text())
+
+
+def run(pack_dir=".gpu", out=None, budget_s=520.0, workers=8, smoke=False, tasks=None,
+        work=None, bench=True) -> dict:
+    """The whole device run; returns the summary (also in the archive)."""
+    import torch
+
+    t0 = time.time()
+    gpu = torch.cuda.is_available()
+    if not gpu and not smoke:
+        raise ValueError("no CUDA device: the GPU study needs one; use --smoke for the CPU "
+                         "dry run")
+    if out is None:
+        raise ValueError("--out is required (on the device: --out $OUT)")
+    launch_stop, hard_stop = t0 + 0.8 * budget_s, t0 + budget_s - 10
+    manifest = verify(pack_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(work) if work else Path(tempfile.mkdtemp(prefix="svd-lorafa-gpu-"))
+    pack_dir = Path(pack_dir).resolve()
+    model = fp32_model(pack_dir, work / "minilm-fp32")
+    threads = max(1, (os.cpu_count() or 2) // workers)
+    env = {**os.environ, "SVD_LORAFA_MINILM": str(model), "GLUE_DIR": str(pack_dir / GLUE_DIR),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    summary = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "smoke": smoke,
+               "budget_s": budget_s, "workers": workers, "threads_per_worker": threads,
+               "pack_mib": manifest["total_bytes"] / 2**20}
+    print(f"gpu kit: {summary['device']}, pack verified ({summary['pack_mib']:.1f} MiB), "
+          f"model upcast to fp32 in {time.time() - t0:.0f}s", flush=True)
+
+    # (a) benchmark: alone on the GPU, before the workers start
+    if bench:
+        b = _benchmark(work, env, 90.0 if gpu else 60.0, cpu_smoke=not gpu)
+        summary["bench"] = {"goals": b.get("goals"), "errors": b.get("errors") or b.get("error"),
+                            "wall_s": b.get("wall_s")}
+        print(f"benchmark done at {time.time() - t0:.0f}s", flush=True)
+
+    # (b) the study: N workers, each its own share, in one process group each. They run in
+    # the scratch folder with relative paths, so no machine path lands in a log.
+    logs_root = work / "logs"
+    argv = ["--logs-dir", "logs/study", "--lr-logs-dir", "logs/study_lr", "--figures-dir",
+            "figures", "--gpu"] + (["--smoke"] if smoke else []) \
+        + (["--tasks", *tasks] if tasks else [])
+    study = [sys.executable, "-m", "pipeline.study"]
+    procs, logs = [], []
+    t_study = time.time()
+    for k in range(workers):
+        log = open(work / f"worker-{k}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [*study, "all", *argv, "--shard", f"{k}/{workers}",
+             "--deadline-s", f"{max(0.0, launch_stop - time.time()):.0f}"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=work))
+    utils, progress = [], []
+    while any(p.poll() is None for p in procs) and time.time() < hard_stop:
+        time.sleep(min(10.0, max(0.1, hard_stop - time.time())))
+        util = _gpu_util() if gpu else None
+        if util is not None:
+            utils.append(util)
+        c = _count(logs_root)
+        n_done = sum(v.get("complete", 0) for ph in c.values() for v in ph.values())
+        progress.append((round(time.time() - t_study), n_done))
+        print(f"  t={time.time() - t0:4.0f}s complete runs {n_done}"
+              + (f", GPU util {util:.0f}%" if util is not None else ""), flush=True)
+    killed = sum(p.poll() is None for p in procs)
+    _stop(procs)
+    for log in logs:
+        log.close()
+    study_s = time.time() - t_study
+    # the final table from every finished lr run (workers may have been stopped first)
+    with open(work / "select.log", "w") as log:
+        rc = subprocess.run([*study, "select", *argv], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=work, timeout=60).returncode
+    if rc:
+        summary["selection_error"] = (work / "select.log").read_text()[-300:]
+    counts = _count(logs_root)
+    n_complete = sum(v.get("complete", 0) for ph in counts.values() for v in ph.values())
+    summary.update(study_s=round(study_s), counts=counts, complete_runs=n_complete,
+                   runs_per_min=round(n_complete / (study_s / 60), 2) if study_s else None,
+                   gpu_util_mean=round(sum(utils) / len(utils), 1) if utils else None,
+                   progress=progress, workers_stopped_at_deadline=killed,
+                   worker_exit_codes=[p.returncode for p in procs])
+
+    # (c) one archive
+    summary["wall_s"] = round(time.time() - t0)
+    archive = write_archive(work, out / ARCHIVE, summary)
+    summary["archive_mib"] = round(archive.stat().st_size / 2**20, 2)
+    print(summary_text(summary), flush=True)
+    return summary
+
+
+def _thin(h: dict, every: int) -> dict:
+    """The log with its per-step train arrays kept at every ``every``-th step."""
+    if every > 1 and isinstance(h.get("train"), dict):
+        h["train"] = {k: v[every - 1::every] if isinstance(v, list) else v
+                      for k, v in h["train"].items()}
+        h["train_thinned_every"] = every
+    return h
+
+
+def write_archive(work: Path, path: Path, summary: dict) -> Path:
+    """tar.gz of the finished logs (complete or failed; killed runs are left out), their
+    predictions, the selection table, the benchmark JSON, worker log tails and the summary;
+    per-step train arrays are thinned if it would exceed 16 MiB."""
+    for every in (1, 4, 16, 64):
+        tmp = path.with_name(path.name + ".tmp")
+        left_out = []
+        with tarfile.open(tmp, "w:gz") as tar:
+            def add_bytes(name, data: bytes):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), int(time.time())
+                tar.addfile(info, io.BytesIO(data))
+
+            for log in sorted((work / "logs").glob("*/*/*.json")):
+                h = json.loads(log.read_text())
+                if h.get("status") not in ("complete", "failed"):
+                    left_out.append(log.stem)
+                    continue
+                rel = log.relative_to(work)
+                add_bytes(str(rel), json.dumps(_thin(h, every), indent=1).encode())
+                preds = log.with_name(log.stem + ".preds.npz")
+                if preds.is_file():
+                    tar.add(preds, str(rel.with_name(preds.name)))
+            for p in sorted((work / "figures").glob("*")) + sorted((work / "bench").glob("*")):
+                tar.add(p, str(p.relative_to(work)))
+            for p in sorted(work.glob("*.log")):
+                add_bytes(f"worker_logs/{p.name}", p.read_bytes()[-200_000:])
+            summary.update(killed_runs_left_out=left_out, train_thinned_every=every)
+            add_bytes("summary.json", json.dumps(summary, indent=1).encode())
+        if tmp.stat().st_size <= ARCHIVE_LIMIT:
+            os.replace(tmp, path)
+            return path
+    os.replace(tmp, path)
+    summary["archive_over_limit"] = True
+    return path
+
+
+def summary_text(s: dict) -> str:
+    lines = [f"== GPU kit summary: {s['device']}{' (smoke)' if s['smoke'] else ''}, "
+             f"{s['wall_s']}s of {s['budget_s']:.0f}s, {s['workers']} workers x "
+             f"{s['threads_per_worker']} threads"]
+    b = s.get("bench") or {}
+    for g in b.get("goals") or []:
+        lines.append("  bench " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else
+                                            f"{k}={v}" for k, v in g.items()
+                                            if not k.endswith("_goal")))
+    if b.get("errors"):
+        lines.append(f"  bench errors: {str(b['errors'])[:300]}")
+    for phase, tasks in sorted(s["counts"].items()):
+        lines.append(f"  {phase}: " + "; ".join(
+            f"{t} " + " ".join(f"{k}={v}" for k, v in sorted(c.items())) for t, c in tasks.items()))
+    lines.append(f"  complete runs {s['complete_runs']} in {s['study_s']}s = "
+                 f"{s['runs_per_min']} runs/min; GPU util mean {s['gpu_util_mean']}%; "
+                 f"workers stopped at the deadline {s['workers_stopped_at_deadline']}; "
+                 f"killed runs left out {len(s.get('killed_runs_left_out', []))}")
+    lines.append(f"  archive {ARCHIVE}: {s.get('archive_mib')} MiB "
+                 f"(train arrays every {s.get('train_thinned_every')} step)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- unpack (here)
+def unpack(archive, root=".") -> dict:
+    """Put the archive's logs under logs/study_gpu{,_lr}/, the selection table under
+    figures/gpu/ and the benchmark JSON under benchmarks/results/gpu/. Returns {part: n files}."""
+    archive, root = Path(archive), Path(root)
+    if not archive.is_file():
+        raise FileNotFoundError(f"{archive} not found: give ARCHIVE=<path of {ARCHIVE}>")
+    moved = {}
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(archive) as tar:
+        for m in tar.getmembers():
+            if m.name.startswith(("/", "..")) or ".." in Path(m.name).parts or not (
+                    m.isfile() or m.isdir()):
+                raise ValueError(f"{archive}: unsafe member {m.name!r}; not unpacked")
+        tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        for src, dst in UNPACK.items():
+            for p in sorted(Path(tmp, src).rglob("*")):
+                if p.is_file():
+                    target = root / dst / p.relative_to(Path(tmp, src))
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(p, target)
+                    moved[dst] = moved.get(dst, 0) + 1
+        if Path(tmp, "summary.json").is_file():
+            (root / UNPACK["bench"]).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(tmp, "summary.json"), root / UNPACK["bench"] / "run_summary.json")
+    print("unpacked: " + ", ".join(f"{n} files -> {d}/" for d, n in moved.items()))
+    return moved
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["pack"]:
+        p = argparse.ArgumentParser(prog="python -m pipeline.gpu pack")
+        p.add_argument("--dest", default=".gpu")
+        p.add_argument("--glue-dir", default=None)
+        a = p.parse_args(argv[1:])
+        pack(a.dest, a.glue_dir)
+        return 0
+    if argv[:1] == ["unpack"]:
+        p = argparse.ArgumentParser(prog="python -m pipeline.gpu unpack")
+        p.add_argument("archive")
+        p.add_argument("--root", default=".")
+        a = p.parse_args(argv[1:])
+        unpack(a.archive, a.root)
+        return 0
+    p = argparse.ArgumentParser(prog="python -m pipeline.gpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pack", default=".gpu", help="the folder `make gpu-pack` wrote")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="where the archive goes "
+                                                                "(default $OUT)")
+    p.add_argument("--budget-s", type=float, default=520.0,
+                   help="whole run; no launch after 80%%, workers stopped 10 s before the end")
+    p.add_argument("--workers", type=int, default=8, help="concurrent study processes")
+    p.add_argument("--tasks", nargs="+", default=None)
+    p.add_argument("--smoke", action="store_true", help="the tiny study (CPU dry run)")
+    p.add_argument("--work", default=None, help="scratch folder (default: a new temp folder)")
+    p.add_argument("--no-bench", action="store_true")
+    a = p.parse_args(argv)
+    if a.workers < 1 or a.budget_s <= 0:
+        p.error("--workers must be >= 1 and --budget-s > 0")
+    run(a.pack, a.out, a.budget_s, a.workers, a.smoke, a.tasks, a.work, not a.no_bench)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
