@@ -122,7 +122,8 @@ def run_configs(configs: list[RunConfig], retry_failed: bool = False, dry_run: b
         if not 0 <= k < n:
             raise ValueError(f"shard {k}/{n}: need 0 <= K < N")
         configs = configs[k::n]
-    logs = [_stored(cfg) for cfg in configs]  # a bad or conflicting log stops the sweep up front
+    # an unreadable, foreign or conflicting log stops the sweep up front (stored_log)
+    logs = [stored_log(cfg) for cfg in configs]
     if not dry_run:
         _preflight(configs)
     results = []
@@ -141,7 +142,7 @@ def run_configs(configs: list[RunConfig], retry_failed: bool = False, dry_run: b
             continue
         try:
             # another worker may have finished it between the first read and the claim
-            old = _on_main(lambda: _stored(cfg))
+            old = _on_main(lambda: stored_log(cfg))
             status = old and old.get("status")
             if _done(status, retry_failed):
                 _print(f"{head}: {status}, skipped")
@@ -187,24 +188,6 @@ def _summary(cfg, h, skipped) -> dict:
     h = h or {}
     return {"run_id": cfg.run_id, "status": h.get("status"), "skipped": skipped,
             "error": h.get("error"), "final": h.get("final", {})}
-
-
-def _stored(cfg: RunConfig) -> dict | None:
-    """The run's stored log, or None; an unreadable or foreign file is a bad input."""
-    path = L.log_path(cfg.logs_dir, cfg.task, cfg.run_id)
-    try:
-        with open(path) as f:
-            head = json.load(f)
-    except (FileNotFoundError, NotADirectoryError):  # not run yet (or no logs dir: preflight)
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({_first_line(e)}): delete or fix the file, "
-                         "or use another logs dir") from None
-    if not isinstance(head, dict) or not isinstance(head.get("config"), dict) \
-            or head.get("status") not in ("running", "complete", "failed"):
-        raise ValueError(f"{path}: not a run log (want a JSON object with a 'config' object and "
-                         "a 'status'): delete or fix the file, or use another logs dir")
-    return stored_log(cfg)  # a log of another config under this run id raises, naming fields
 
 
 def _first_line(e: BaseException) -> str:

@@ -109,7 +109,7 @@ def _tiny(glue_dir, logs, model, *extra):
 def _bad_log(logs, text):
     path = logs / "mrpc" / f"{RunConfig().run_id}.json"
     path.parent.mkdir(parents=True)
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
 
 
 BAD_INPUTS = {  # name: (argv after the common ones, what the error line must say)
@@ -152,7 +152,10 @@ def test_bad_files_one_error_line_exit_2(glue_dir, tmp_path, tiny_bert_dir, caps
 @pytest.mark.parametrize("text, says", [("{not json", "not valid JSON"),
                                         ("[1, 2]", "not a run log"),
                                         ('{"status": "complete", "config": 3}', "not a run log"),
-                                        ('{"config": {}}', "not a run log")])
+                                        ('{"config": {}}', "not a run log"),
+                                        (b"\xff\xfe{}", "not valid JSON"),
+                                        ('{"status": "complete", "config": {"epochs": "x"}}',
+                                         "its config is not a valid RunConfig (epochs must")])
 def test_bad_stored_log_one_error_line_exit_2(text, says, tmp_path, capsys):
     _bad_log(tmp_path, text)
     code, err = _sweep(capsys, "--logs-dir", tmp_path, "--dry-run")
