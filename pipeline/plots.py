@@ -20,6 +20,8 @@ from .methods import METHODS, label
 METHOD_COLORS = dict(zip(METHODS, ["#1f77b4", "#ff7f0e", "#2ca02c", "#17becf", "#e377c2",
                                    "#9467bd", "#d62728"]))
 MARKERS = "osD^v<>"
+# eval points and sweeps: a dash pattern per group, so a line hidden under another shows through
+LINESTYLES = ["-", "--", ":", "-."]
 # metrics whose chance level is 0 whatever the labels (a constant prediction scores 0)
 ZERO_AT_CHANCE = {"matthews", "pearson", "spearman"}
 
@@ -77,6 +79,7 @@ def plot_curves(curves: pd.DataFrame, metric: str, by=("method",), x="step", ax=
         # shrinking marker per group, so identical lines (two runs at chance) stay visible
         dense = len(g) > 60
         line, = ax.plot(g[x], g["mean"], marker=None if dense else MARKERS[j % len(MARKERS)],
+                        ls="-" if dense else LINESTYLES[j % len(LINESTYLES)],
                         markersize=6 - (j % 4), alpha=0.85, color=color,
                         label=f"{name} (n={g['count'].max()})")
         if band:
@@ -233,6 +236,7 @@ def plot_metric_vs(runs: pd.DataFrame, x: str = "lr", metric: str | None = None,
         # distinct markers and shrinking sizes keep identical lines (e.g. two inits both at
         # the majority-class accuracy) visible on top of each other
         line, = ax.plot(s[x], s["mean"], marker=MARKERS[j % len(MARKERS)],
+                        ls=LINESTYLES[j % len(LINESTYLES)],
                         markersize=9 - 1.5 * (j % 4), alpha=0.85, label=_name([by], key),
                         color=METHOD_COLORS.get(key) if by == "method" else None)
         ax.fill_between(s[x], s["mean"] - s["std"].fillna(0), s["mean"] + s["std"].fillna(0),
@@ -244,9 +248,11 @@ def plot_metric_vs(runs: pd.DataFrame, x: str = "lr", metric: str | None = None,
         else:
             ax.set_xscale("log")
     _chance_line(ax, metric)
+    if "loss" not in metric:
+        _min_span(ax)
     split = "dev" if (d["protocol"] == "pilot").all() else "val"
     ax.set_xlabel(x)
-    ax.set_ylabel(f"{split} {metric} ({which})")
+    ax.set_ylabel(f"{split} {metric.removeprefix('dev_')} ({which})")
     if title:
         ax.set_title(title)
     ax.legend(fontsize="small")
