@@ -18,6 +18,7 @@ CPU with gloo (note: ``accelerate launch --cpu`` starts ONE process in accelerat
 from __future__ import annotations
 
 import argparse
+import difflib
 import itertools
 import json
 import os
@@ -57,10 +58,13 @@ def grid(axes: dict, **common) -> list[RunConfig]:
 
         grid({"init": ["orthogonal", "svd"], "lr": [1e-4, 5e-4], "seed": [0, 1]}, epochs=2)
     """
-    names = {f.name for f in fields(RunConfig)}
-    unknown = sorted((set(axes) | set(common)) - names)
-    if unknown:
-        raise ValueError(f"unknown RunConfig field(s) {unknown}: use one of {sorted(names)}")
+    names = [f.name for f in fields(RunConfig)]
+    for name in [*axes, *common]:
+        if name not in names:
+            near = difflib.get_close_matches(name, names, n=1)
+            raise ValueError(f"unknown RunConfig field {name!r}"
+                             + (f": did you mean {near[0]!r}?" if near else
+                                f": use one of {names}"))
     if set(axes) & set(common):
         raise ValueError(f"{sorted(set(axes) & set(common))} given both as an axis and a "
                          "common setting: give it once")
@@ -357,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     """One flag per RunConfig field, help text from the field's metadata['help']: several
     values make a grid axis, booleans are --flag / --no-flag."""
     p = _Parser(prog="python -m pipeline.sweep", description=__doc__.split("\n\n")[0],
+                allow_abbrev=False,  # a typo must not land on another field
                 usage="%(prog)s [--FIELD VALUE [VALUE ...] ...] [--shard K/N] [--dry-run] "
                       "[--retry-failed] [--debug]")
     runs = p.add_argument_group("run settings (RunConfig fields; several values = a grid axis)")
