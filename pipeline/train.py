@@ -151,8 +151,19 @@ def stored_log(cfg: RunConfig) -> dict | None:
     path = L.log_path(cfg.logs_dir, cfg.task, cfg.run_id)
     if not path.exists():
         return None
-    old = L.read_log(path)
-    diff = old.get("config") and cfg.differs_from(old["config"])
+    fix = "delete or fix the file, or use another logs_dir"
+    try:
+        old = L.read_log(path)
+    except ValueError as e:  # not JSON, not UTF-8
+        raise ValueError(f"{path}: not valid JSON ({str(e).splitlines()[0]}): {fix}") from None
+    if not isinstance(old, dict) or not isinstance(old.get("config"), dict) \
+            or old.get("status") not in ("running", "complete", "failed"):
+        raise ValueError(f"{path}: not a run log (want a JSON object with a 'config' object and "
+                         f"a 'status'): {fix}")
+    try:
+        diff = cfg.differs_from(old["config"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: its config is not a valid RunConfig ({e}): {fix}") from None
     if diff:
         raise ValueError(f"{path} holds a run with a different config ({diff}): delete it, or "
                          "use another logs_dir or tag")
@@ -202,8 +213,9 @@ def run_experiment(config: RunConfig, on_end=None) -> dict:
 
     # -- adapters. The first batches of epoch 0 estimate the gradient (init="gradient") and
     # measure ||A x|| at init; both run in eval mode and draw nothing from the RNG
-    first = [collator([train_feats[i] for i in b]).to(accelerator.device)
-             for b in epoch_batches(cfg, train_feats, 0)[:cfg.gradient_batches]]
+    first = [] if cfg.variant == "full" else [
+        collator([train_feats[i] for i in b]).to(accelerator.device)
+        for b in epoch_batches(cfg, train_feats, 0)[:cfg.gradient_batches]]
     model.to(accelerator.device)
     adapted = add_adapters(cfg, model, first)
     adapter_stats = adapter_input_rms(model, first) if adapted else None
