@@ -84,6 +84,21 @@ def test_bootstrap_is_deterministic_and_centred_on_the_observed_difference(study
     assert g["diff"] == 0 and g["ci_low"] == 0 and g["ci_high"] == 0 and g["p"] == 1.0
 
 
+def test_bootstrap_on_scores_recomputes_pearson(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.uniform(0, 5, 30)
+    outs = {}
+    for s in range(2):
+        for m, noise in (("orthogonal", 1.0), ("svd", 0.5)):
+            outs[m, s] = (y + noise * rng.normal(size=30)).astype(np.float32)
+            write_run(tmp_path, m, s, [0.5, 0.6], task="stsb", outputs=outs[m, s], labels=y)
+    b = S.bootstrap(A.load_logs(tmp_path), n_boot=100).set_index("method")
+    pearson = {k: st.pearsonr(v.astype(np.float64), y)[0] for k, v in outs.items()}
+    want = np.mean([pearson["svd", s] - pearson["orthogonal", s] for s in range(2)])
+    assert b.loc["svd", "metric"] == "pearson" and b.loc["svd", "diff"] == pytest.approx(want)
+    assert b.loc["svd", "ci_low"] < want < b.loc["svd", "ci_high"]
+
+
 def test_bootstrap_refuses_predictions_that_do_not_match_the_log(study):
     runs = A.load_logs(study)
     path = runs.loc[runs["run_id"].str.endswith("svd-r8-lr5e-03-splitb-s1"), "predictions"]
