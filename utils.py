@@ -8,7 +8,9 @@ from pipeline.logs import read_log  # noqa: F401
 from pipeline.models import resolve_model  # noqa: F401
 from pipeline.plots import plot_convergence, plot_curves, plot_metric_vs, plot_task  # noqa: F401
 from pipeline.sweep import grid, run_sweep, run_variants  # noqa: F401
-from pipeline.train import RunConfig, compute_metrics, evaluate, run_experiment  # noqa: F401
+from pipeline.config import RunConfig  # noqa: F401
+from pipeline.metrics import compute_metrics, evaluate  # noqa: F401
+from pipeline.train import run_experiment  # noqa: F401
 
 __all__ = ["TASKS", "GlueFormatError", "RunConfig", "compute_metrics", "curve_stats", "evaluate",
            "final_results", "get_task", "grid", "load_curves", "load_examples", "load_logs",

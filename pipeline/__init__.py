@@ -3,8 +3,10 @@ grid sweeps and plot helpers. Submodules import lazily-heavy libraries only wher
 from .data import GlueFormatError, TASKS, get_task, load_examples, make_collator, tokenize
 from .analysis import load_curves, load_logs
 from .logs import read_log
+from .config import RunConfig
+from .metrics import compute_metrics, evaluate
 from .models import resolve_model
-from .train import RunConfig, compute_metrics, evaluate, run_experiment
+from .train import run_experiment
 
 __all__ = ["GlueFormatError", "RunConfig", "TASKS", "compute_metrics", "evaluate", "get_task",
            "grid", "load_curves", "load_examples", "load_logs", "make_collator", "read_log",

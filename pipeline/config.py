@@ -28,6 +28,9 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 # fields that do not change the result: may differ between a log and a rerun
 NON_SEMANTIC = {"logs_dir", "glue_dir", "quiet", "checkpoint", "eval_batch_size", "cpu",
                 "save_predictions"}
+# settings of the adapter: they do not change a 'full' run
+ADAPTER_FIELDS = {"init", "rank", "alpha", "targets", "lora_dropout", "rslora", "svd_split",
+                  "svd_solver", "niter", "gradient_batches"}
 
 
 def setting(default, help: str, **meta):
@@ -42,19 +45,20 @@ class RunConfig:
     variant: str = setting("lorafa", "'full' fine-tuning | 'lora' (A trains) | 'lorafa' (A frozen)")
     init: str = setting("svd", "adapter init: kaiming | orthogonal | svd | svd_minor | gradient "
                                "(ignored for 'full')")
-    rank: int = setting(8, "adapter rank r")
-    alpha: float | None = setting(None, "adapter scale numerator, s = alpha / r; default 2 * rank")
+    rank: int = setting(8, "adapter rank r", adapter=True)
+    alpha: float | None = setting(None, "adapter scale numerator, s = alpha / r; default 2 * rank",
+                                  adapter=True)
     targets: str | list = setting("attention", "adapted linears: a lora.PRESETS name "
                                                "(attention, qv, all-linear, mpnet) or a list of "
-                                               "module-name suffixes")
-    lora_dropout: float = setting(0.0, "dropout on the adapter input x, in [0, 1)")
-    rslora: bool = setting(False, "rank-stabilised scale s = alpha / sqrt(r)")
+                                               "module-name suffixes", adapter=True)
+    lora_dropout: float = setting(0.0, "dropout on the adapter input x, in [0, 1)", adapter=True)
+    rslora: bool = setting(False, "rank-stabilised scale s = alpha / sqrt(r)", adapter=True)
     svd_split: str = setting("sqrt", "svd inits: 'sqrt' puts sqrt(S) on each side (PiSSA), 'b' "
-                                     "puts S in B (A orthonormal)")
-    svd_solver: str = setting("exact", "svd inits: 'exact' or 'randomized' SVD")
-    niter: int = setting(4, "power iterations of the randomized SVD")
+                                     "puts S in B (A orthonormal)", adapter=True)
+    svd_solver: str = setting("exact", "svd inits: 'exact' or 'randomized' SVD", adapter=True)
+    niter: int = setting(4, "power iterations of the randomized SVD", adapter=True)
     gradient_batches: int = setting(8, "init 'gradient': training batches (the run's own "
-                                       "epoch-0 order) that estimate dL/dW")
+                                       "epoch-0 order) that estimate dL/dW", adapter=True)
     reg_coeff: float = setting(0.0, "coeff * sum ||B - B0||^2 added to the loss")
     # how to train
     lr: float = setting(5e-4, "peak learning rate (AdamW, linear warmup and decay)")
@@ -112,6 +116,9 @@ class RunConfig:
             raise ValueError(f"unknown variant {self.variant!r}: use one of {VARIANTS}")
         if self.variant == "full":
             self.init = "none"  # no adapter: keep run ids and sweeps free of fake inits
+            for f in fields(self):  # ... and of fake adapter settings: a grid's full runs
+                if f.metadata.get("adapter"):  # at ranks 4 and 8 are one run, as their ids say
+                    setattr(self, f.name, f.default)
         elif self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}: use one of {tuple(INITS)}")
         _positive_int("rank", self.rank)
@@ -136,6 +143,9 @@ class RunConfig:
         _positive_int("gradient_batches", self.gradient_batches)
         if not (math.isfinite(self.reg_coeff) and self.reg_coeff >= 0):
             raise ValueError(f"reg_coeff must be >= 0, got {self.reg_coeff}")
+        if self.reg_coeff and self.variant == "full":
+            raise ValueError("reg_coeff penalises ||B - B0|| of adapters: variant='full' has "
+                             "none; set reg_coeff=0")
         _positive("lr", self.lr)
         if self.head_lr is not None:
             _positive("head_lr", self.head_lr)
@@ -224,8 +234,10 @@ class RunConfig:
         return "-".join(str(p) for p in parts)
 
     def semantic(self) -> dict:
-        """The settings that change the result (paths, verbosity, ... left out)."""
-        return {k: v for k, v in asdict(self).items() if k not in NON_SEMANTIC}
+        """The settings that change the result (paths, verbosity, ... left out; for 'full'
+        also the adapter's settings). Two configs with equal ``semantic()`` are the same run."""
+        skip = NON_SEMANTIC | (ADAPTER_FIELDS if self.variant == "full" else set())
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
     def differs_from(self, stored: dict) -> str:
         """'' if a stored config (a log's or checkpoint's) gives the same result as this one,

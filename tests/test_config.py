@@ -26,6 +26,7 @@ REFUSED = [
     (dict(niter=-1), "niter must be an int >= 0, got -1"),
     (dict(gradient_batches=0), "gradient_batches must be an int >= 1, got 0"),
     (dict(reg_coeff=-0.1), "reg_coeff must be >= 0, got -0.1"),
+    (dict(variant="full", reg_coeff=0.1), "reg_coeff penalises ||B - B0|| of adapters"),
     (dict(lr=0), "lr must be a finite number > 0, got 0"),
     (dict(lr=-1e-3), "lr must be a finite number > 0, got -0.001"),
     (dict(lr=float("inf")), "lr must be a finite number > 0, got inf"),
@@ -136,6 +137,13 @@ def test_run_ids_of_protocol_settings():
     assert RunConfig(val_fraction=0.2, split_seed=1).run_id.endswith("-val0.2-ss1-s0")
     assert RunConfig(init="gradient", gradient_batches=4).run_id.endswith("-gb4-s0")
     assert RunConfig(variant="full", init="gradient").init == "none"
+
+
+def test_full_runs_ignore_adapter_settings():
+    a, b = RunConfig(variant="full", rank=4), RunConfig(variant="full", rank=16, alpha=3,
+                                                        init="kaiming", lora_dropout=0.1)
+    assert a.semantic() == b.semantic() and a.run_id == b.run_id == "mrpc-full-lr5e-04-s0"
+    assert RunConfig(rank=4).semantic() != RunConfig(rank=16).semantic()
 
 
 def test_fmt_float_is_exact():
