@@ -45,20 +45,19 @@ class RunConfig:
     variant: str = setting("lorafa", "'full' fine-tuning | 'lora' (A trains) | 'lorafa' (A frozen)")
     init: str = setting("svd", "adapter init: kaiming | orthogonal | svd | svd_minor | gradient "
                                "(ignored for 'full')")
-    rank: int = setting(8, "adapter rank r", adapter=True)
-    alpha: float | None = setting(None, "adapter scale numerator, s = alpha / r; default 2 * rank",
-                                  adapter=True)
+    rank: int = setting(8, "adapter rank r")
+    alpha: float | None = setting(None, "adapter scale numerator, s = alpha / r; default 2 * rank")
     targets: str | list = setting("attention", "adapted linears: a lora.PRESETS name "
                                                "(attention, qv, all-linear, mpnet) or a list of "
-                                               "module-name suffixes", adapter=True)
-    lora_dropout: float = setting(0.0, "dropout on the adapter input x, in [0, 1)", adapter=True)
-    rslora: bool = setting(False, "rank-stabilised scale s = alpha / sqrt(r)", adapter=True)
+                                               "module-name suffixes")
+    lora_dropout: float = setting(0.0, "dropout on the adapter input x, in [0, 1)")
+    rslora: bool = setting(False, "rank-stabilised scale s = alpha / sqrt(r)")
     svd_split: str = setting("sqrt", "svd inits: 'sqrt' puts sqrt(S) on each side (PiSSA), 'b' "
-                                     "puts S in B (A orthonormal)", adapter=True)
-    svd_solver: str = setting("exact", "svd inits: 'exact' or 'randomized' SVD", adapter=True)
-    niter: int = setting(4, "power iterations of the randomized SVD", adapter=True)
+                                     "puts S in B (A orthonormal)")
+    svd_solver: str = setting("exact", "svd inits: 'exact' or 'randomized' SVD")
+    niter: int = setting(4, "power iterations of the randomized SVD")
     gradient_batches: int = setting(8, "init 'gradient': training batches (the run's own "
-                                       "epoch-0 order) that estimate dL/dW", adapter=True)
+                                       "epoch-0 order) that estimate dL/dW")
     reg_coeff: float = setting(0.0, "coeff * sum ||B - B0||^2 added to the loss")
     # how to train
     lr: float = setting(5e-4, "peak learning rate (AdamW, linear warmup and decay)")
@@ -116,9 +115,6 @@ class RunConfig:
             raise ValueError(f"unknown variant {self.variant!r}: use one of {VARIANTS}")
         if self.variant == "full":
             self.init = "none"  # no adapter: keep run ids and sweeps free of fake inits
-            for f in fields(self):  # ... and of fake adapter settings: a grid's full runs
-                if f.metadata.get("adapter"):  # at ranks 4 and 8 are one run, as their ids say
-                    setattr(self, f.name, f.default)
         elif self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}: use one of {tuple(INITS)}")
         _positive_int("rank", self.rank)

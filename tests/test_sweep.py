@@ -331,3 +331,13 @@ def test_a_ddp_sweep_takes_one_decision_for_all_its_processes(glue_dir, tmp_path
         h = L.read_log(L.log_path(logs, "mrpc", RunConfig(init=init, **kw).run_id))
         assert h["status"] == "complete" and h["env"]["num_processes"] == 2
     assert not L.log_path(logs, "mrpc", taken.run_id).exists()
+
+
+def test_full_runs_of_grids_at_other_ranks_are_the_same_run(tmp_path, monkeypatch):
+    # 'full' has no adapter: a later sweep at another rank (or alpha, targets) finds its log
+    monkeypatch.setattr(S, "resolve_model", lambda m: m)
+    monkeypatch.setattr(S, "run_experiment", lambda cfg: _write_log(cfg, "complete"))
+    assert S.main(["--variant", "full", "lorafa", "--rank", "4", "--logs-dir", str(tmp_path)]) == 0
+    monkeypatch.setattr(S, "run_experiment", lambda cfg: pytest.fail(f"reran {cfg.run_id}"))
+    assert S.main(["--variant", "full", "--rank", "8", "16", "--alpha", "3", "--targets", "qv",
+                   "--logs-dir", str(tmp_path)]) == 0
