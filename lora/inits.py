@@ -1,26 +1,32 @@
 """Adapter initialisations, one named function each (selected by ``add_lora(init=...)``).
 
-Every init takes the frozen weight W (d_out x d_in), the rank r and the scale s, and returns
+Every init takes the frozen weight W (d_out x d_in), the rank r and the scale s (and, for
+``gradient``, the layer's loss gradient G = dL/dW), and returns
 ``(A, B, W_res)`` with A: r x d_in, B: d_out x r and W_res the weight the base layer keeps
 (None when W is kept as it is), so that
 
     W_res + s * B @ A  ==  W        (up to rounding)
 
-i.e. the model is unchanged at step 0. Random inits leave W alone (B = 0, W_res = W); SVD inits
-move the chosen singular components of W into the adapter. All math runs in float32 or higher
+i.e. the model is unchanged at step 0. Random and gradient inits leave W alone (B = 0,
+W_res = W); SVD inits move the chosen singular components of W into the adapter. ``INITS``
+records which is which (``changes_w``). All math runs in ``compute_dtype`` (float32 or higher)
 whatever the model dtype; results come back in W's dtype.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 
 SVD_SPLITS = ("sqrt", "b")
+SVD_SOLVERS = ("exact", "randomized")
 
 
-def _compute_dtype(w: torch.Tensor) -> torch.dtype:
-    return torch.float64 if w.dtype == torch.float64 else torch.float32
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The one dtype rule: adapter math runs in float64 for float64 tensors, else float32
+    (bf16 / fp16 models included)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def kaiming(w, rank, scale, generator=None, **_):
@@ -28,7 +34,7 @@ def kaiming(w, rank, scale, generator=None, **_):
     nn.Linear), B = 0, W_res = W (None)."""
     d_out, d_in = w.shape
     bound = 1.0 / math.sqrt(d_in)
-    a = torch.empty(rank, d_in, dtype=_compute_dtype(w), device=w.device)
+    a = torch.empty(rank, d_in, dtype=compute_dtype(w), device=w.device)
     a.uniform_(-bound, bound, generator=generator)
     return a.to(w.dtype), torch.zeros(d_out, rank, dtype=w.dtype, device=w.device), None
 
@@ -37,7 +43,7 @@ def orthogonal(w, rank, scale, generator=None, **_):
     """A has orthonormal rows (Q of the QR of a Gaussian d_in x r matrix), B = 0, W_res = W:
     the frozen random projection of the LoRA-FA paper, which keeps ||A x|| = ||x|| on A's span."""
     d_out, d_in = w.shape
-    g = torch.randn(d_in, rank, dtype=_compute_dtype(w), device=w.device, generator=generator)
+    g = torch.randn(d_in, rank, dtype=compute_dtype(w), device=w.device, generator=generator)
     q, r = torch.linalg.qr(g)
     q = q * torch.sign(torch.diagonal(r))  # fix the sign so the result is unique for a seed
     return q.T.contiguous().to(w.dtype), torch.zeros(d_out, rank, dtype=w.dtype, device=w.device), None
@@ -45,7 +51,7 @@ def orthogonal(w, rank, scale, generator=None, **_):
 
 def _svd_components(w, rank, *, minor, solver, niter, generator):
     """Top (or bottom, ``minor``) r singular triplets of W in float32+: U_r, S_r, V_r^T."""
-    wc = w.to(_compute_dtype(w))
+    wc = w.to(compute_dtype(w))
     if solver == "exact":
         u, s, vh = torch.linalg.svd(wc, full_matrices=False)
         idx = slice(-rank, None) if minor else slice(0, rank)
@@ -62,7 +68,7 @@ def _svd_components(w, rank, *, minor, solver, niter, generator):
             q = min(rank + 10, *wc.shape)  # a little oversampling, as Halko et al. recommend
             u, s, v = torch.svd_lowrank(wc, q=q, niter=niter)
         return u[:, :rank], s[:rank], v[:, :rank].T
-    raise ValueError(f"unknown svd_solver {solver!r}: use 'exact' or 'randomized'")
+    raise ValueError(f"unknown svd_solver {solver!r}: use one of {SVD_SOLVERS}")
 
 
 def _svd_init(w, rank, scale, *, minor, generator=None, svd_solver="exact", niter=4,
@@ -83,7 +89,7 @@ def _svd_init(w, rank, scale, *, minor, generator=None, svd_solver="exact", nite
 def residual(w, a, b, scale):
     """W_res = W - s B A, from the *rounded* A and B: W_res + s B A == W then holds to rounding
     even when the SVD is approximate (randomized) or A, B are in low precision."""
-    ct = _compute_dtype(w)
+    ct = compute_dtype(w)
     return (w.to(ct) - scale * (b.to(ct) @ a.to(ct))).to(w.dtype)
 
 
@@ -101,4 +107,30 @@ def svd_minor(w, rank, scale, **kw):
     return _svd_init(w, rank, scale, minor=True, **kw)
 
 
-INITS = {"kaiming": kaiming, "orthogonal": orthogonal, "svd": svd, "svd_minor": svd_minor}
+def gradient(w, rank, scale, *, grad, generator=None, svd_solver="exact", niter=4, **_):
+    """Gradient-aligned frozen A (LoRA-One / LoRA-GA's argument, for LoRA-FA): with A frozen,
+    B's update reaches W as dW = s dB A, so only G A^T A - the part of the full fine-tuning
+    gradient G = dL/dW inside A's row space - can act. By Eckart-Young the rank-r A that keeps
+    most of G is A = V_r(G)^T, the top-r right singular vectors of G (orthonormal rows; exact or
+    randomized SVD). B = 0 and W_res = W (None): the model is unchanged at step 0. The first
+    SGD step on B then moves W by -lr s^2 G V_r V_r^T = -lr s^2 G_r, the best rank-r step.
+    ``grad`` is G (d_out x d_in), e.g. from ``lora.estimate_gradients``."""
+    _, _, vh = _svd_components(grad, rank, minor=False, solver=svd_solver, niter=niter,
+                               generator=generator)
+    d_out, _ = w.shape
+    return vh.to(w.dtype).contiguous(), torch.zeros(d_out, rank, dtype=w.dtype, device=w.device), None
+
+
+class Init(NamedTuple):
+    fn: Callable  # (w, rank, scale, **kw) -> (A, B, W_res)
+    changes_w: bool  # True: B0 != 0 and W_res = W - s B0 A (SVD inits); False: B0 = 0, W kept
+    needs_gradient: bool = False  # fn takes grad=G; add_lora(gradients={name: G})
+
+
+INITS = {
+    "kaiming": Init(kaiming, changes_w=False),
+    "orthogonal": Init(orthogonal, changes_w=False),
+    "svd": Init(svd, changes_w=True),
+    "svd_minor": Init(svd_minor, changes_w=True),
+    "gradient": Init(gradient, changes_w=False, needs_gradient=True),
+}

@@ -1,26 +1,73 @@
 """Save, load and export adapters - safetensors and JSON only, never pickle.
 
-A saved adapter is a folder with ``adapter.safetensors`` (A, B, B0 when non-zero, and the
-trained head) and ``adapter_config.json`` (rank, alpha, init, targets, base model name and a
-fingerprint of the original target weights). Loading rebuilds W_res = W - s B0 A from the
-saved A, B0, so it refuses a base model whose weights differ from the one trained on.
+A saved adapter is a folder with ``adapter.safetensors`` (A, B, B0 and A0 where the init
+moved part of W into the adapter, the classification head - always, trained or not, since a
+fresh base gets a random one - and any trained biases) and ``adapter_config.json`` (the
+adapter settings, targets and shapes, the base model name, a fingerprint of the original
+target weights and a sha256 of every tensor). Loading rebuilds W_res = W - s B0 A0 from the
+saved tensors, and checks everything before it touches the model.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import stat
 import struct
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .layer import HEAD_NAMES, add_lora, lora_modules, weight_fingerprint
+from . import inits
+from .layer import (HEAD_NAMES, LoRASettings, apply_lora, lora_config, lora_modules, plan_lora,
+                    weight_fingerprint)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
+SETTINGS = [f.name for f in fields(LoRASettings)]
+
+
+def atomic_write(path, write_fn) -> None:
+    """``write_fn(tmp_path)`` writes a temp file beside ``path``, which is then fsynced and
+    renamed over ``path`` (os.replace is atomic on POSIX): a crash leaves the old file or the
+    new one, never half of one. The file keeps the mode of the one it replaces (new: 0o644)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:  # make the rename itself durable
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes."""
+    t = t.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}:{list(t.shape)}:".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _combined_fingerprint(per_layer: dict[str, str]) -> str:
@@ -28,49 +75,60 @@ def _combined_fingerprint(per_layer: dict[str, str]) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename: a crash never leaves a half-written file under ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _is_head(name: str) -> bool:
+    return name.split(".")[0] in HEAD_NAMES
 
 
-def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
+def _extra_state(model, what: str) -> tuple[dict, dict]:
+    """(head, trained biases outside adapters and head): what a fresh base would not have.
+    Refuses other trainable parameters, which neither save_lora nor export_peft stores."""
+    head, biases = {}, {}
+    wrapped = tuple(f"{name}.base." for name, _ in lora_modules(model))
+    for n, p in model.named_parameters():
+        if ".lora_" in n:
+            continue
+        if n.startswith(wrapped):  # a base layer's bias under its name in the plain model
+            n = n.replace(".base.", ".", 1) if n.count(".base.") == 1 else n
+        if _is_head(n):
+            head[n] = p.detach()
+        elif p.requires_grad and n.endswith("bias"):
+            biases[n] = p.detach()
+        elif p.requires_grad:
+            raise ValueError(f"{n!r} is trainable but is no adapter, head or bias, so {what} would "
+                             "not store it: call mark_only_lora_as_trainable(model) before "
+                             "training, or save the full model")
+    return head, biases
 
 
-def _head_state(model, head_names=HEAD_NAMES) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters()
-            if n.split(".")[0] in head_names and p.requires_grad}
+def _adapter_keys(name: str, settings: LoRASettings) -> list[str]:
+    """The tensors saved per adapted layer: A, B, and where the init changed W, B0 (and A0
+    when A trains) to rebuild W_res = W - s B0 A0."""
+    keys = ["lora_A", "lora_B"]
+    if inits.INITS[settings.init].changes_w:
+        keys += ["lora_B0"] + ([] if settings.freeze_a else ["lora_A0"])
+    return [f"{name}.{k}" for k in keys]
 
 
-def save_lora(model, folder, base_model: str | None = None, head: bool = True) -> Path:
-    """Write the adapters (and, with ``head``, the trainable classification head) to ``folder``."""
-    mods = lora_modules(model)
-    if not mods:
-        raise RuntimeError("model has no LoRA adapters: nothing to save")
-    cfg = dict(model._lora_config)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def save_lora(model, folder, base_model: str | None = None) -> Path:
+    """Write the adapters, the classification head (always: a fresh base's head is random)
+    and any trained biases to ``folder``; ``load_lora`` into a fresh base reproduces the model."""
+    cfg = lora_config(model)
+    settings = LoRASettings(**{k: cfg[k] for k in SETTINGS})
+    head, biases = _extra_state(model, "save_lora")
+    state = model.state_dict(keep_vars=False)
     tensors, shapes = {}, {}
-    for name, m in mods:
-        tensors[f"{name}.lora_A"] = m.lora_A
-        tensors[f"{name}.lora_B"] = m.lora_B
-        if m.lora_B0.any():
-            tensors[f"{name}.lora_B0"] = m.lora_B0
+    for name, m in lora_modules(model):
+        tensors.update({k: state[k] for k in _adapter_keys(name, settings)})
         shapes[name] = list(m.base.weight.shape)
-    heads = _head_state(model) if head else {}
-    tensors.update({f"head.{n}": t for n, t in heads.items()})
+    tensors.update({f"head.{n}": t for n, t in head.items()})
+    tensors.update({f"bias.{n}": t for n, t in biases.items()})
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     cfg.update(format_version=FORMAT_VERSION, base_model=base_model, shapes=shapes,
-               head=sorted(heads), scale=mods[0][1].scale,
-               fingerprint=_combined_fingerprint({n: m.fingerprint for n, m in mods}))
-    _atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp))
+               scale=settings.scale, head=sorted(head), biases=sorted(biases),
+               fingerprint=_combined_fingerprint({n: m.fingerprint for n, m in lora_modules(model)}),
+               sha256={k: tensor_sha256(v) for k, v in sorted(tensors.items())})
+    folder = Path(folder)
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp))
     _write_json(folder / CONFIG, cfg)
     return folder
 
@@ -80,16 +138,106 @@ def _check_safetensors(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(9)
     if len(head) < 9 or head[8:9] != b"{" or struct.unpack("<Q", head[:8])[0] > os.path.getsize(path):
-        kind = "a pickle" if head[:1] == b"\x80" or head[:2] == b"PK" else "not safetensors"
+        kind = "a pickle" if head[:1] == b"\x80" or head[:2] == b"PK" else "not safetensors (or truncated)"
         raise ValueError(f"{path} is {kind}: only safetensors adapters are loaded (pickles can run "
                          "code); re-save it with save_lora")
 
 
+def _read_config(folder: Path) -> dict:
+    try:
+        cfg = json.loads((folder / CONFIG).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{CONFIG} is not valid JSON ({e}); re-save with save_lora") from None
+    if not isinstance(cfg, dict) or cfg.get("format_version") != FORMAT_VERSION:
+        version = cfg.get("format_version") if isinstance(cfg, dict) else None
+        raise ValueError(f"{CONFIG} has format_version {version!r}, this loader reads "
+                         f"{FORMAT_VERSION} (with checksums); re-save with save_lora")
+    types = {"targets": list, "shapes": dict, "head": list, "biases": list, "sha256": dict,
+             "fingerprint": str, "scale": (int, float), **{k: object for k in SETTINGS}}
+    for key, typ in types.items():
+        if key not in cfg or not isinstance(cfg[key], typ):
+            raise ValueError(f"{CONFIG} lacks a valid {key!r}; re-save with save_lora")
+    return cfg
+
+
+def _read_tensors(folder: Path, cfg: dict) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(folder / WEIGHTS)
+    except Exception as e:  # safetensors raises its own error types for bad headers / sizes
+        raise ValueError(f"{WEIGHTS} is truncated or corrupt ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); re-save with save_lora") from None
+    missing, extra = set(cfg["sha256"]) - set(tensors), set(tensors) - set(cfg["sha256"])
+    if missing or extra:
+        which = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(extra)[:3]}"
+        raise ValueError(f"{WEIGHTS} does not hold the tensors {CONFIG} lists ({which}); "
+                         "re-save with save_lora")
+    for k, t in tensors.items():
+        if tensor_sha256(t) != cfg["sha256"][k]:
+            raise ValueError(f"checksum mismatch for tensor {k!r}: {WEIGHTS} was altered or "
+                             "damaged; re-save with save_lora")
+    return tensors
+
+
+def _validate(model, cfg: dict, tensors: dict, check_fingerprint: bool):
+    """Every check of load_lora, touching nothing; returns (settings, {name: (A0, B0)})."""
+    settings = LoRASettings(**{k: cfg[k] for k in SETTINGS})
+    if not math.isclose(cfg["scale"], settings.scale, rel_tol=1e-9):
+        raise ValueError(f"config alpha={settings.alpha}, rank={settings.rank}, rslora="
+                         f"{settings.rslora} give scale {settings.scale:g}, but the adapter was "
+                         f"saved with scale {cfg['scale']:g}: the config was edited")
+    if list(cfg["shapes"]) != cfg["targets"]:
+        raise ValueError(f"config targets {cfg['targets'][:3]}... disagree with its shapes "
+                         f"{list(cfg['shapes'])[:3]}...: the config was edited")
+    expected = [k for name in cfg["targets"] for k in _adapter_keys(name, settings)]
+    expected += [f"head.{n}" for n in cfg["head"]] + [f"bias.{n}" for n in cfg["biases"]]
+    if set(expected) != set(tensors):
+        diff = sorted(set(expected) - set(tensors)) or sorted(set(tensors) - set(expected))
+        raise ValueError(f"init={settings.init!r}, freeze_a={settings.freeze_a} and the config's "
+                         f"targets/head expect other tensors than saved (first differing: "
+                         f"{diff[0]!r}): the config was edited")
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    per_layer, saved = {}, {}
+    for name, shape in cfg["shapes"].items():
+        if not isinstance(modules.get(name), nn.Linear):
+            raise ValueError(f"adapter targets {name!r}, which this model lacks (no nn.Linear of that name): "
+                             "load it into the base model it was trained on")
+        w = modules[name].weight
+        if list(w.shape) != shape:
+            raise ValueError(f"shape mismatch at {name!r}: adapter expects {shape}, model has "
+                             f"{list(w.shape)}: load it into the base model it was trained on")
+        a_key = f"{name}.lora_A0" if f"{name}.lora_A0" in tensors else f"{name}.lora_A"
+        b0 = tensors.get(f"{name}.lora_B0", torch.zeros(w.shape[0], settings.rank))
+        a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
+        if list(a.shape) != [settings.rank, w.shape[1]] or list(b.shape) != [w.shape[0], settings.rank]:
+            raise ValueError(f"tensors of {name!r} have shapes A {list(a.shape)}, B {list(b.shape)}"
+                             f" but rank={settings.rank} and the layer is {list(w.shape)}: the "
+                             "config was edited")
+        saved[name] = (tensors[a_key], b0)
+        per_layer[name] = weight_fingerprint(w)
+    for kind in ("head", "bias"):
+        for n in cfg["head" if kind == "head" else "biases"]:
+            t = tensors[f"{kind}.{n}"]
+            if n not in params or params[n].shape != t.shape:
+                has = list(params[n].shape) if n in params else "no such parameter"
+                raise ValueError(f"{kind} tensor {n!r} has shape {list(t.shape)}, the model: {has};"
+                                 " load it into a model with the same head (e.g. num_labels)")
+    if check_fingerprint and _combined_fingerprint(per_layer) != cfg["fingerprint"]:
+        raise ValueError(f"base weights fingerprint {_combined_fingerprint(per_layer)} != adapter's "
+                         f"{cfg['fingerprint']} (trained on {cfg.get('base_model')!r}): wrong base "
+                         "model or dtype; load the same base (or pass check_fingerprint=False)")
+    return settings, saved
+
+
 def load_lora(model, folder, check_fingerprint: bool = True) -> list[str]:
-    """Add the adapters saved in ``folder`` to a fresh base ``model`` and load their weights.
-    Refuses shape mismatches and (by default) a base whose target weights differ from the
-    one the adapter was trained on."""
+    """Add the adapters saved in ``folder`` to a fresh base ``model`` and load their weights,
+    head and trained biases. Trusts nothing: a config that disagrees with the tensors, a
+    checksum mismatch, a truncated file, a missing tensor, a head or target of another shape,
+    or (by default) a base whose target weights differ from the one trained on is refused with
+    one line naming the folder - before any module is touched."""
     folder = Path(folder)
+    if lora_modules(model):
+        raise RuntimeError(f"this model already has LoRA adapters: load {folder} into a fresh "
+                           "base model (or remove_lora(model) first)")
     if folder.is_file():
         _check_safetensors(folder)
         raise ValueError(f"{folder} is a file: pass the adapter folder that save_lora wrote")
@@ -98,75 +246,67 @@ def load_lora(model, folder, check_fingerprint: bool = True) -> list[str]:
         raise FileNotFoundError(f"{folder} holds no {WEIGHTS} + {CONFIG} (found {others}): "
                                 "pass a folder written by save_lora")
     _check_safetensors(folder / WEIGHTS)
-    cfg = json.loads((folder / CONFIG).read_text())
-    tensors = load_file(folder / WEIGHTS)
-    modules = dict(model.named_modules())
-    per_layer = {}
-    for name, shape in cfg["shapes"].items():
-        if name not in modules or not hasattr(modules[name], "weight"):
-            raise ValueError(f"adapter targets {name!r}, which this model lacks: "
-                             "load it into the base model it was trained on")
-        w = modules[name].weight
-        if list(w.shape) != shape:
-            raise ValueError(f"shape mismatch at {name!r}: adapter expects {shape}, model has "
-                             f"{list(w.shape)}: load it into the base model it was trained on")
-        per_layer[name] = weight_fingerprint(w)
-    if check_fingerprint and _combined_fingerprint(per_layer) != cfg["fingerprint"]:
-        raise ValueError(f"base weights fingerprint {_combined_fingerprint(per_layer)} != adapter's "
-                         f"{cfg['fingerprint']} (trained on {cfg.get('base_model')!r}): wrong base "
-                         "model or dtype; load the same base (or pass check_fingerprint=False)")
-    saved = {}
-    for name in cfg["shapes"]:
-        a = tensors[f"{name}.lora_A"]
-        b0 = tensors.get(f"{name}.lora_B0", torch.zeros_like(tensors[f"{name}.lora_B"]))
-        saved[name] = (a, b0)
-    names = add_lora(model, rank=cfg["rank"], alpha=cfg["alpha"], init=cfg["init"],
-                     targets=list(cfg["shapes"]), freeze_a=cfg["freeze_a"], dropout=cfg["dropout"],
-                     seed=cfg["seed"], rslora=cfg["rslora"], svd_solver=cfg["svd_solver"],
-                     niter=cfg["niter"], svd_split=cfg["svd_split"], _tensors=saved)
+    try:
+        cfg = _read_config(folder)
+        tensors = _read_tensors(folder, cfg)
+        settings, saved = _validate(model, cfg, tensors, check_fingerprint)
+        plan = plan_lora(model, settings, targets=cfg["targets"], tensors=saved)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{folder}: {e}") from None
+    # everything checked: only now change the model
+    params = dict(model.named_parameters())
     with torch.no_grad():
+        for n in cfg["head"]:
+            params[n].copy_(tensors[f"head.{n}"])
+        for n in cfg["biases"]:
+            params[n].copy_(tensors[f"bias.{n}"])
+        names = apply_lora(model, plan)
         for name, m in lora_modules(model):
             m.lora_B.copy_(tensors[f"{name}.lora_B"])
-        params = dict(model.named_parameters())
-        for n in cfg.get("head", []):
-            params[n].copy_(tensors[f"head.{n}"])
+            m.lora_A.copy_(tensors[f"{name}.lora_A"])
     return names
 
 
-def export_peft(model, folder, base_model: str | None = None, task_type: str = "SEQ_CLS",
-                head: bool = True) -> Path:
+def export_peft(model, folder, base_model: str | None = None, task_type: str | None = "SEQ_CLS"
+                ) -> Path:
     """Write a PEFT LoRA adapter folder that ``PeftModel.from_pretrained(original_base, folder)``
-    loads. With A frozen the change to the *original* weight is
+    loads. The change to the *original* weight is
 
-        W_final - W = (W_res + s B A) - (W_res + s B0 A) = s (B - B0) A,
+        W_final - W = (W_res + s B A) - (W_res + s B0 A0) = s (B A - B0 A0).
 
-    still rank r, so PEFT gets lora_A = A, lora_B = B - B0 at the same r and alpha (PEFT's own
-    PiSSA conversion doubles the rank because it also lets A move)."""
-    mods = lora_modules(model)
-    if not mods:
-        raise RuntimeError("model has no LoRA adapters: nothing to export")
-    cfg = model._lora_config
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    With A frozen (A = A0) that is s (B - B0) A, still rank r: PEFT gets lora_A = A,
+    lora_B = B - B0 at the same r and alpha (PEFT's own PiSSA conversion doubles the rank
+    because it also lets A move). Plain LoRA with an init that changed W needs rank 2r:
+    lora_A = [A; A0], lora_B = [B, -B0], alpha scaled to keep s. The head is always exported
+    (modules_to_save): PEFT's SEQ_CLS model expects it, and a fresh base's head is random."""
+    cfg = lora_config(model)
+    head, biases = _extra_state(model, "export_peft")
+    if biases:
+        raise ValueError(f"biases were trained (e.g. {next(iter(biases))!r}): export_peft stores "
+                         "adapters and head only; merge_lora and save the full model, or save_lora")
+    doubled = not cfg["freeze_a"] and inits.INITS[cfg["init"]].changes_w
     tensors = {}
-    for name, m in mods:
-        if not m.freeze_a and not torch.equal(m.lora_B0, torch.zeros_like(m.lora_B0)):
-            raise ValueError(f"{name!r}: plain LoRA with an SVD init moved A, so the change to W is "
-                             "not s (B - B0) A; merge_lora and save the full weights instead")
-        tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = (m.lora_B - m.lora_B0).detach()
-    heads = _head_state(model) if head else {}
-    for n, p in heads.items():  # PEFT stores modules_to_save under their plain names
+    for name, m in lora_modules(model):
+        a, b = m.lora_A.detach(), (m.lora_B - m.lora_B0).detach()
+        if doubled:
+            a, b = torch.cat([m.lora_A, m.lora_A0]), torch.cat([m.lora_B, -m.lora_B0], dim=1)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach()
+    for n, p in head.items():  # PEFT stores modules_to_save under their plain names
         tensors[f"base_model.model.{n}"] = p
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    rank, alpha = cfg["rank"], cfg["alpha"]
+    if doubled:  # s = alpha / r (or alpha / sqrt(r)) unchanged at rank 2r
+        rank, alpha = 2 * rank, alpha * (math.sqrt(2) if cfg["rslora"] else 2)
     peft_cfg = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
-        "r": cfg["rank"], "lora_alpha": cfg["alpha"], "use_rslora": cfg["rslora"],
+        "r": rank, "lora_alpha": alpha, "use_rslora": cfg["rslora"],
         "lora_dropout": cfg["dropout"], "bias": "none", "fan_in_fan_out": False,
-        "target_modules": [n for n, _ in mods], "init_lora_weights": True,
-        "modules_to_save": sorted({n.split(".")[0] for n in heads}) or None,
+        "target_modules": cfg["targets"], "init_lora_weights": True,
+        "modules_to_save": sorted({n.split(".")[0] for n in head}) or None,
         "inference_mode": True,
     }
-    _atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp))
+    folder = Path(folder)
+    atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp))
     _write_json(folder / "adapter_config.json", peft_cfg)
     return folder

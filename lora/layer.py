@@ -9,9 +9,12 @@ Adapter dropout (``dropout > 0``) costs one x-sized mask per adapted layer.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -31,7 +34,61 @@ PRESETS = {
     "all-linear": r"layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
                   r"attention\.attn\.(q|k|v|o)|intermediate\.dense|output\.dense)$",
 }
-HEAD_NAMES = ("classifier", "score")
+HEAD_NAMES = ("classifier", "score")  # the one list of classification-head module names
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """The settings of one ``add_lora`` call (its defaults live in ``add_lora``'s signature),
+    validated on construction: every error is one line that names the fix. Each LoRALinear
+    keeps its own copy; ``lora_config(model)`` reads them back."""
+    rank: int
+    alpha: float
+    init: str
+    freeze_a: bool
+    dropout: float
+    seed: int
+    rslora: bool
+    svd_solver: str
+    niter: int
+    svd_split: str
+
+    def __post_init__(self):
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if self.init not in inits.INITS:
+            raise ValueError(f"unknown init {self.init!r}: use one of {sorted(inits.INITS)}")
+        if not is_int(self.rank) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        if not is_real(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a finite number > 0, got {self.alpha!r}: the "
+                             "adapter scale is alpha/rank (alpha = 2*rank is the usual choice)")
+        if not is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for flag in ("freeze_a", "rslora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if not is_int(self.seed):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.svd_solver not in inits.SVD_SOLVERS:
+            raise ValueError(f"unknown svd_solver {self.svd_solver!r}: use one of "
+                             f"{inits.SVD_SOLVERS}")
+        if not is_int(self.niter) or self.niter < 0:
+            raise ValueError(f"niter (randomized SVD power iterations) must be an int >= 0, "
+                             f"got {self.niter!r}")
+        if self.svd_split not in inits.SVD_SPLITS:
+            raise ValueError(f"unknown svd_split {self.svd_split!r}: use one of {inits.SVD_SPLITS}")
+        if self.init == "svd_minor" and self.svd_solver != "exact":
+            raise ValueError("init='svd_minor' needs svd_solver='exact': randomized SVD only "
+                             "finds the largest singular values")
+
+    @property
+    def scale(self) -> float:
+        """s = alpha / r (alpha / sqrt(r) with rslora)."""
+        return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
 
 
 class LoRALinear(nn.Module):
@@ -39,24 +96,32 @@ class LoRALinear(nn.Module):
 
     ``lora_A`` is a buffer when frozen (LoRA-FA) - saved in state_dict, never handed to an
     optimizer - and an nn.Parameter in plain LoRA. ``lora_B0`` is B at init, kept for
-    ``remove_lora``, the PEFT export and the drift penalty.
+    ``remove_lora``, the PEFT export and the drift penalty; plain LoRA with an init that
+    changes W also keeps A at init (``lora_A0``), since W = W_res + s B0 A0 once A has moved.
+    The adapter's settings are in ``settings`` (rank, alpha, init, freeze_a also as attributes).
     """
 
-    def __init__(self, base: nn.Linear, a, b, *, scale, rank, alpha, init, freeze_a,
-                 dropout, fingerprint):
+    def __init__(self, base: nn.Linear, a, b, settings: LoRASettings, fingerprint: str):
         super().__init__()
         self.base = base
-        if freeze_a:
+        self.settings = settings
+        if settings.freeze_a:
             self.register_buffer("lora_A", a)
         else:
             self.lora_A = nn.Parameter(a)
+            if inits.INITS[settings.init].changes_w:
+                self.register_buffer("lora_A0", a.detach().clone())
         self.lora_B = nn.Parameter(b)
         self.register_buffer("lora_B0", b.detach().clone())
-        self.scale, self.rank, self.alpha, self.init = scale, rank, alpha, init
-        self.freeze_a = freeze_a
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = settings.scale
+        self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
         self.fingerprint = fingerprint  # hash of the *original* weight, checked on load
         self.enabled = True
+
+    rank = property(lambda self: self.settings.rank)
+    alpha = property(lambda self: self.settings.alpha)
+    init = property(lambda self: self.settings.init)
+    freeze_a = property(lambda self: self.settings.freeze_a)
 
     def forward(self, x):
         y = self.base(x)
@@ -64,11 +129,17 @@ class LoRALinear(nn.Module):
             return y
         return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
-    def delta(self, b=None) -> torch.Tensor:
-        """s * B @ A in float32+ (B defaults to the current B)."""
-        ct = torch.float64 if self.base.weight.dtype == torch.float64 else torch.float32
+    @property
+    def initial_a(self) -> torch.Tensor:
+        """A at init: the A of W = W_res + s B0 A0."""
+        return getattr(self, "lora_A0", self.lora_A)
+
+    def delta(self, b=None, a=None) -> torch.Tensor:
+        """s * B @ A in ``compute_dtype`` (B, A default to the current ones)."""
+        ct = inits.compute_dtype(self.base.weight)
         b = self.lora_B if b is None else b
-        return self.scale * (b.detach().to(ct) @ self.lora_A.detach().to(ct))
+        a = self.lora_A if a is None else a
+        return self.scale * (b.detach().to(ct) @ a.detach().to(ct))
 
     def extra_repr(self):
         return (f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, init={self.init!r}, "
@@ -108,7 +179,6 @@ def find_targets(model: nn.Module, targets="attention") -> list[str]:
 
 
 def weight_fingerprint(w: torch.Tensor) -> str:
-    import hashlib
     return hashlib.sha256(w.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -117,60 +187,188 @@ def _set_module(model, name, new):
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, init: str = "kaiming",
-             targets="attention", freeze_a: bool = True, dropout: float = 0.0, seed: int = 0,
-             rslora: bool = False, svd_solver: str = "exact", niter: int = 4,
-             svd_split: str = "sqrt", _tensors=None) -> list[str]:
-    """Wrap the target linears of ``model`` in place; returns their names.
+class PlannedAdapter(NamedTuple):
+    name: str
+    a: torch.Tensor  # A at init
+    b: torch.Tensor  # B at init (B0)
+    w_res: torch.Tensor | None  # the weight the base layer keeps; None: W as it is
+    fingerprint: str  # of the original W
 
-    freeze_a=True is LoRA-FA (only B trains); False is plain LoRA. Everything is validated and
-    every init computed before the first module is replaced, so an error leaves the model as it
-    was. ``_tensors`` (name -> (A, B0)) is for ``load_lora``: rebuild adapters from saved tensors.
-    """
+
+class LoRAPlan(NamedTuple):
+    settings: LoRASettings
+    adapters: list[PlannedAdapter]
+
+
+def _check_tensor(what, t, shape) -> None:
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
+        got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{what} must have shape {list(shape)}, got {got}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what} contains NaN or Inf")
+
+
+def plan_lora(model: nn.Module, settings: LoRASettings, targets="attention", gradients=None,
+              tensors=None) -> LoRAPlan:
+    """Validate everything and compute each adapter's A, B0 and W_res, touching nothing: an
+    error here leaves the model as it was. ``gradients`` ({name: G}) is what init='gradient'
+    needs; ``tensors`` ({name: (A0, B0)}) rebuilds saved adapters instead of running the init
+    (``load_lora``), with W_res recomputed by the init's own arithmetic."""
     if lora_modules(model):
         raise RuntimeError("this model already has LoRA adapters: call remove_lora(model) or "
                            "merge_lora(model) before adding new ones")
-    if init not in inits.INITS:
-        raise ValueError(f"unknown init {init!r}: use one of {sorted(inits.INITS)}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+    init = inits.INITS[settings.init]
+    uses_gradients = init.needs_gradient and tensors is None
+    if gradients is not None and not uses_gradients:
+        raise ValueError(f"gradients are only used by init='gradient' (got init="
+                         f"{settings.init!r}): drop the gradients argument or use init='gradient'")
+    if uses_gradients and not isinstance(gradients, dict):
+        raise ValueError("init='gradient' needs gradients={module name: dL/dW}: compute them "
+                         "with lora.estimate_gradients(model, loss_fn, batches, targets)")
     names = find_targets(model, targets)
-    generator = torch.Generator().manual_seed(seed)
+    rank, scale = settings.rank, settings.scale
+    generator = torch.Generator().manual_seed(settings.seed)
     planned = []
     for name in names:
-        base = model.get_submodule(name)
-        w = base.weight.detach()
+        w = model.get_submodule(name).weight.detach()
         if rank > min(w.shape):
             raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = {min(w.shape)} of {name!r}: "
                              "use a smaller rank")
         if not torch.isfinite(w).all():
             raise ValueError(f"weight of {name!r} contains NaN or Inf: the base model is corrupt; "
                              "reload it")
-        if _tensors is None:
+        if tensors is not None:  # rebuild: the same arithmetic as the init, so W_res is identical
+            if name not in tensors:
+                raise ValueError(f"no saved tensors for target {name!r}")
+            a, b = tensors[name]
+            _check_tensor(f"A of {name!r}", a, (rank, w.shape[1]))
+            _check_tensor(f"B0 of {name!r}", b, (w.shape[0], rank))
+            if not init.changes_w and b.any():
+                raise ValueError(f"B0 of {name!r} is non-zero but init={settings.init!r} starts "
+                                 "from B = 0")
+            a, b = a.to(w.device, w.dtype), b.to(w.device, w.dtype)
+            w_res = inits.residual(w, a, b, scale) if init.changes_w else None
+        else:
+            kw = {}
+            if uses_gradients:
+                if name not in gradients:
+                    raise ValueError(f"gradients has no entry for target {name!r}: pass "
+                                     "lora.estimate_gradients(...) for the same targets")
+                g = gradients[name]
+                _check_tensor(f"gradient of {name!r}", g, w.shape)
+                if not g.any():
+                    raise ValueError(f"gradient of {name!r} is all zeros: the loss does not "
+                                     "depend on this layer; choose other targets or batches")
+                kw["grad"] = g.detach().cpu()
             # generators live on the CPU: draw there, move to the weight's device after
-            a, b, w_res = inits.INITS[init](w.cpu(), rank, scale, generator=generator,
-                                            svd_solver=svd_solver, niter=niter,
-                                            svd_split=svd_split)
+            a, b, w_res = init.fn(w.cpu(), rank, scale, generator=generator,
+                                  svd_solver=settings.svd_solver, niter=settings.niter,
+                                  svd_split=settings.svd_split, **kw)
             a, b = a.to(w.device), b.to(w.device)
             w_res = None if w_res is None else w_res.to(w.device)
-        else:  # rebuild from saved A and B0: the same arithmetic as the init, so W_res is identical
-            a, b = (t.to(w.device, w.dtype) for t in _tensors[name])
-            w_res = inits.residual(w, a, b, scale) if init.startswith("svd") else None
-        planned.append((name, base, a, b, w_res, weight_fingerprint(w)))
-    for name, base, a, b, w_res, fp in planned:
-        if w_res is not None:
-            base.weight.data = w_res
+        planned.append(PlannedAdapter(name, a, b, w_res, weight_fingerprint(w)))
+    return LoRAPlan(settings, planned)
+
+
+def apply_lora(model: nn.Module, plan: LoRAPlan) -> list[str]:
+    """Wrap each planned target in its LoRALinear (the only step that changes the model)."""
+    modules = dict(model.named_modules())
+    for p in plan.adapters:  # the model must still be the one planned for
+        m = modules.get(p.name)
+        if not isinstance(m, nn.Linear) or tuple(m.weight.shape) != (p.b.shape[0], p.a.shape[1]):
+            raise ValueError(f"{p.name!r} is no longer the linear this plan was made for: "
+                             "call plan_lora again on this model")
+    for p in plan.adapters:
+        base = modules[p.name]
+        if p.w_res is not None:
+            base.weight.data = p.w_res
         base.weight.requires_grad_(False)
-        wrapper = LoRALinear(base, a, b, scale=scale, rank=rank, alpha=alpha, init=init,
-                             freeze_a=freeze_a, dropout=dropout, fingerprint=fp)
-        _set_module(model, name, wrapper)
-    model._lora_config = dict(rank=rank, alpha=alpha, init=init, freeze_a=freeze_a,
-                              dropout=dropout, seed=seed, rslora=rslora, svd_solver=svd_solver,
-                              niter=niter, svd_split=svd_split, targets=names)
-    return names
+        _set_module(model, p.name, LoRALinear(base, p.a, p.b, plan.settings, p.fingerprint))
+    return [p.name for p in plan.adapters]
+
+
+def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, init: str = "kaiming",
+             targets="attention", freeze_a: bool = True, dropout: float = 0.0, seed: int = 0,
+             rslora: bool = False, svd_solver: str = "exact", niter: int = 4,
+             svd_split: str = "sqrt", gradients=None) -> list[str]:
+    """Wrap the target linears of ``model`` in place; returns their names.
+
+    freeze_a=True is LoRA-FA (only B trains); False is plain LoRA. init='gradient' needs
+    ``gradients`` ({module name: dL/dW}, from ``estimate_gradients``). Everything is validated
+    and every init computed (``plan_lora``) before the first module is replaced
+    (``apply_lora``), so an error leaves the model as it was.
+    """
+    settings = LoRASettings(rank=rank, alpha=alpha, init=init, freeze_a=freeze_a,
+                            dropout=dropout, seed=seed, rslora=rslora, svd_solver=svd_solver,
+                            niter=niter, svd_split=svd_split)
+    return apply_lora(model, plan_lora(model, settings, targets, gradients=gradients))
+
+
+def lora_config(model: nn.Module) -> dict:
+    """The settings of the model's adapters (read from each LoRALinear) plus their
+    ``targets``; refuses adapters that disagree (they came from different add_lora calls)."""
+    mods = lora_modules(model)
+    if not mods:
+        raise RuntimeError("model has no LoRA adapters: call add_lora(model, ...) first")
+    (first_name, first), settings = mods[0], asdict(mods[0][1].settings)
+    for name, m in mods[1:]:
+        for key, value in asdict(m.settings).items():
+            if value != settings[key]:
+                raise ValueError(f"adapters disagree on {key}: {settings[key]!r} at "
+                                 f"{first_name!r}, {value!r} at {name!r}; lora_config describes "
+                                 "adapters added by one add_lora call")
+    return {**settings, "targets": [n for n, _ in mods]}
+
+
+def estimate_gradients(model: nn.Module, loss_fn, batches, targets="attention"
+                       ) -> dict[str, torch.Tensor]:
+    """G = mean over ``batches`` of dL/dW, in float32, for every target linear: what
+    ``add_lora(init="gradient", gradients=G)`` needs. ``loss_fn(model, batch)`` returns a
+    scalar loss; ``lora`` knows nothing else about the task.
+
+    The pass runs in eval mode (no dropout: the estimate is deterministic and draws nothing
+    from the global RNG) with only the target weights requiring grad; one float32 sum per
+    target is kept. Afterwards every weight is bit-identical and the requires_grad flags, any
+    existing ``.grad`` and ``model.training`` are as they were."""
+    if lora_modules(model):
+        raise RuntimeError("estimate_gradients needs the model without adapters: call it "
+                           "before add_lora (or after remove_lora)")
+    weights = {n: model.get_submodule(n).weight for n in find_targets(model, targets)}
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    training = model.training
+    sums, n = {}, 0
+    try:
+        model.eval()
+        for p, _, _ in saved:
+            p.requires_grad_(False)
+            p.grad = None
+        for w in weights.values():
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            for n, batch in enumerate(batches, start=1):
+                loss = loss_fn(model, batch)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise ValueError(f"loss_fn must return a scalar tensor, got "
+                                     f"{type(loss).__name__}: return e.g. model(**batch).loss")
+                if not torch.isfinite(loss):
+                    raise ValueError(f"loss_fn returned {loss.item()} on batch {n}: the gradient "
+                                     "would be NaN; check the batch and the model")
+                loss.backward()
+                for name, w in weights.items():
+                    if w.grad is None:
+                        raise ValueError(f"target {name!r} got no gradient from loss_fn: choose "
+                                         "targets the loss depends on")
+                    g = w.grad.to(torch.float32, copy=True)
+                    sums[name] = g if name not in sums else sums[name].add_(g)
+                    w.grad = None
+    finally:
+        for p, flag, grad in saved:
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(training)
+    if n == 0:
+        raise ValueError("batches is empty: pass at least one batch to estimate gradients from")
+    return {name: g / n for name, g in sums.items()}
 
 
 def mark_only_lora_as_trainable(model: nn.Module, head: bool = True, bias: str = "none",
@@ -207,12 +405,8 @@ def lora_parameters(model: nn.Module):
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors only: '<layer>.lora_A', '.lora_B', '.lora_B0'."""
-    out = {}
-    for name, m in lora_modules(model):
-        for key in ("lora_A", "lora_B", "lora_B0"):
-            out[f"{name}.{key}"] = getattr(m, key).detach()
-    return out
+    """Adapter tensors only: '<layer>.lora_A', '.lora_B', '.lora_B0' (and '.lora_A0')."""
+    return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items() if ".lora_" in k}
 
 
 def lora_penalty(model: nn.Module, coeff: float, reference: str = "init") -> torch.Tensor:
@@ -255,24 +449,21 @@ def lora_disabled(model):
             m.enabled = e
 
 
-def _unwrap(model, keep_b) -> None:
-    """Replace each LoRALinear by its base linear with W_res + s * keep_b(m) @ A folded in."""
+def _unwrap(model, delta) -> None:
+    """Replace each LoRALinear by its base linear with W_res + delta(m) folded in."""
     for name, m in lora_modules(model):
         w = m.base.weight
-        m.base.weight.data = (w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32)
-                              + m.delta(keep_b(m))).to(w.dtype)
+        w.data = (w.detach().to(inits.compute_dtype(w)) + delta(m)).to(w.dtype)
         _set_module(model, name, m.base)
-    if hasattr(model, "_lora_config"):
-        del model._lora_config
 
 
 def merge_lora(model: nn.Module) -> None:
     """Fold s * B @ A into each weight and drop the wrappers: a plain model that computes what
     the adapted one did (no adapter cost at inference)."""
-    _unwrap(model, lambda m: m.lora_B)
+    _unwrap(model, lambda m: m.delta())
 
 
 def remove_lora(model: nn.Module) -> None:
-    """Drop the adapters and restore the original weights: W = W_res + s * B0 @ A (B0 = 0 for
-    random inits, so W is untouched there)."""
-    _unwrap(model, lambda m: m.lora_B0)
+    """Drop the adapters and restore the original weights: W = W_res + s * B0 @ A0 (B0 = 0 for
+    random and gradient inits, so W is untouched there)."""
+    _unwrap(model, lambda m: m.delta(m.lora_B0, m.initial_a))

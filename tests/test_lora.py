@@ -395,13 +395,31 @@ def test_mpnet_names_are_matched():
 BAD_INPUTS = [
     (dict(rank=0), ValueError, "rank"),
     (dict(rank=-2), ValueError, "rank"),
+    (dict(rank=2.0), ValueError, "rank"),
     (dict(rank=385), ValueError, "exceeds"),
+    (dict(alpha=0), ValueError, "alpha must be a finite number > 0"),  # was an all-NaN model
+    (dict(alpha=-16), ValueError, "alpha must be"),
+    (dict(alpha=float("nan")), ValueError, "alpha must be"),
+    (dict(alpha=float("inf")), ValueError, "alpha must be"),
+    (dict(alpha="16"), ValueError, "alpha must be"),
+    (dict(dropout=1.0), ValueError, "dropout"),
+    (dict(dropout=float("nan")), ValueError, "dropout"),
+    (dict(freeze_a="yes"), ValueError, "freeze_a must be True or False"),
+    (dict(rslora=1), ValueError, "rslora must be True or False"),
+    (dict(seed=1.5), ValueError, "seed must be an int"),
     (dict(init="gaussian"), ValueError, "unknown init"),
     (dict(targets="everything"), ValueError, "unknown targets preset"),
     (dict(targets=["no_such_module"]), ValueError, "matched no module"),
     (dict(targets=["attention.self"]), TypeError, "not an nn.Linear"),
     (dict(init="svd_minor", svd_solver="randomized"), ValueError, "exact"),
     (dict(init="svd", svd_solver="magic"), ValueError, "svd_solver"),
+    # the SVD settings are checked whatever the init (a typo must not wait for init="svd")
+    (dict(init="kaiming", svd_solver="magic"), ValueError, "unknown svd_solver"),
+    (dict(init="orthogonal", svd_split="a"), ValueError, "unknown svd_split"),
+    (dict(init="kaiming", niter=-1), ValueError, "niter"),
+    (dict(init="kaiming", niter=2.5), ValueError, "niter"),
+    (dict(init="gradient"), ValueError, "init='gradient' needs gradients"),
+    (dict(init="svd", gradients={}), ValueError, "gradients are only used by init='gradient'"),
 ]
 
 
@@ -409,8 +427,9 @@ BAD_INPUTS = [
 def test_bad_inputs_raise_and_leave_the_model_untouched(minilm, kwargs, exc, msg):
     model = minilm()
     before = snapshot(model)
-    with pytest.raises(exc, match=msg):
+    with pytest.raises(exc, match=msg) as err:
         lora.add_lora(model, **{"rank": 8, "init": "svd", **kwargs})
+    assert "\n" not in str(err.value)
     assert not lora.lora_modules(model)
     after = snapshot(model)
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
@@ -467,3 +486,83 @@ def test_counting_saved_tensors_does_not_leak_them():
     assert lora.saved_activation_bytes(forward) >= 2 * 32 * 32 * 4
     gc.collect()
     assert refs[0]() is None
+
+
+# ---------------------------------------------------------------- settings, plan, registry
+
+def test_settings_live_on_the_adapters_and_lora_config_reads_them_back(tiny_roberta):
+    model = tiny_roberta()
+    names = lora.add_lora(model, rank=4, alpha=6, init="svd", targets="qv", svd_split="b",
+                          rslora=True, seed=3)
+    assert not hasattr(model, "_lora_config")
+    cfg = lora.lora_config(model)
+    assert cfg == dict(rank=4, alpha=6, init="svd", freeze_a=True, dropout=0.0, seed=3,
+                       rslora=True, svd_solver="exact", niter=4, svd_split="b", targets=names)
+    m = lora.lora_modules(model)[0][1]
+    assert (m.rank, m.alpha, m.init, m.freeze_a, m.scale) == (4, 6, "svd", True, 6 / 2)
+
+
+def test_lora_config_refuses_adapters_that_disagree(tiny_roberta):
+    import dataclasses
+    model = tiny_roberta()
+    lora.add_lora(model, rank=4, init="orthogonal")
+    name, m = lora.lora_modules(model)[-1]
+    m.settings = dataclasses.replace(m.settings, alpha=32)
+    with pytest.raises(ValueError, match=f"adapters disagree on alpha: 16 at .*, 32 at '{name}'"):
+        lora.lora_config(model)
+
+
+def test_plan_touches_nothing_and_apply_gives_add_lora(tiny_roberta, token_batch):
+    model = tiny_roberta()
+    before = snapshot(model)
+    settings = lora.LoRASettings(rank=4, alpha=8, init="svd", freeze_a=True, dropout=0.0,
+                                 seed=0, rslora=False, svd_solver="exact", niter=4,
+                                 svd_split="sqrt")
+    plan = lora.plan_lora(model, settings, "attention")
+    assert not lora.lora_modules(model)
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+    lora.apply_lora(model, plan)
+    reference = tiny_roberta()
+    lora.add_lora(reference, rank=4, alpha=8, init="svd")
+    assert lora.lora_config(model) == lora.lora_config(reference)
+    assert all(torch.equal(v, snapshot(reference)[k]) for k, v in snapshot(model).items())
+    with pytest.raises(ValueError, match="no longer the linear"):  # a stale plan
+        lora.apply_lora(tiny_roberta(), plan._replace(adapters=[
+            plan.adapters[0]._replace(a=torch.zeros(4, 5))]))
+
+
+@pytest.mark.parametrize("init", ["kaiming", "orthogonal", "svd", "svd_minor", "gradient"])
+def test_each_init_declares_whether_it_changes_w(tiny_roberta, init):
+    model = tiny_roberta()
+    g = torch.Generator().manual_seed(0)
+    grads = {n: torch.randn(model.get_submodule(n).weight.shape, generator=g)
+             for n in lora.find_targets(model, "attention")}
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in grads}
+    lora.add_lora(model, rank=4, init=init, gradients=grads if init == "gradient" else None)
+    for name, m in lora.lora_modules(model):
+        moved = not torch.equal(m.base.weight, weights[name])
+        assert moved == bool(m.lora_B0.any()) == lora.INITS[init].changes_w
+
+
+def test_compute_dtype_is_float32_except_for_float64():
+    for dtype, expected in [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                            (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]:
+        assert lora.compute_dtype(torch.zeros(1, dtype=dtype)) == expected
+
+
+def test_atomic_write_replaces_whole_files_with_a_readable_mode(tmp_path):
+    import os
+    import stat
+    path = tmp_path / "sub" / "f.txt"
+    lora.atomic_write(path, lambda tmp: open(tmp, "w").write("one"))
+    assert path.read_text() == "one" and stat.S_IMODE(path.stat().st_mode) == 0o644
+    os.chmod(path, 0o600)
+    lora.atomic_write(path, lambda tmp: open(tmp, "w").write("two"))
+    assert path.read_text() == "two" and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    def fail(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        lora.atomic_write(path, fail)
+    assert path.read_text() == "two" and sorted(p.name for p in path.parent.iterdir()) == ["f.txt"]
