@@ -322,13 +322,13 @@ def lora_config(model: nn.Module) -> dict:
 
 def estimate_gradients(model: nn.Module, loss_fn, batches, targets="attention"
                        ) -> dict[str, torch.Tensor]:
-    """G = mean over ``batches`` of dL/dW, in float32, for every target linear: what
-    ``add_lora(init="gradient", gradients=G)`` needs. ``loss_fn(model, batch)`` returns a
-    scalar loss; ``lora`` knows nothing else about the task.
+    """G = mean over ``batches`` of dL/dW for every target linear, in float32 (float64 for a
+    float64 model: ``compute_dtype``): what ``add_lora(init="gradient", gradients=G)`` needs.
+    ``loss_fn(model, batch)`` returns a scalar loss; ``lora`` knows nothing else of the task.
 
     The pass runs in eval mode (no dropout: the estimate is deterministic and draws nothing
-    from the global RNG) with only the target weights requiring grad; one float32 sum per
-    target is kept. Afterwards every weight is bit-identical and the requires_grad flags, any
+    from the global RNG) with only the target weights requiring grad, keeping one running sum
+    per target. Afterwards every weight is bit-identical and the requires_grad flags, any
     existing ``.grad`` and ``model.training`` are as they were."""
     if lora_modules(model):
         raise RuntimeError("estimate_gradients needs the model without adapters: call it "
@@ -358,7 +358,7 @@ def estimate_gradients(model: nn.Module, loss_fn, batches, targets="attention"
                     if w.grad is None:
                         raise ValueError(f"target {name!r} got no gradient from loss_fn: choose "
                                          "targets the loss depends on")
-                    g = w.grad.to(torch.float32, copy=True)
+                    g = w.grad.to(inits.compute_dtype(w), copy=True)
                     sums[name] = g if name not in sums else sums[name].add_(g)
                     w.grad = None
     finally:
