@@ -4,8 +4,8 @@
     boot = bootstrap(runs)               # example-level paired bootstrap from saved predictions
     Path("figures/stats.md").write_text(stats_markdown(cmp, boot))
 
-Two runs with the same seed share the data order, the val split and the initial head, so
-the difference of their test metrics removes that seed-to-seed noise: the statistics are
+Two runs with the same seed share the data order, the val split and the head's init seed,
+so the difference of their test metrics removes that part of the seed-to-seed noise: the statistics are
 on the per-seed differences ``method - baseline`` (``analysis.pair_with_baseline``).
 Conclusions are worded from the intervals (``verdict``): "better" / "worse" only when the
 95% CI excludes 0, "undetermined at n = K" otherwise; "equivalent" only against an
@@ -50,10 +50,12 @@ def paired_summary(diffs, confidence: float = 0.95) -> dict:
 
 
 def compare(runs: pd.DataFrame, baseline: str = "orthogonal", which: str = "test",
-            column: str | None = None, confidence: float = 0.95) -> pd.DataFrame:
+            column: str | None = None, confidence: float = 0.95,
+            margin: float | None = None) -> pd.DataFrame:
     """Per task and method: ``paired_summary`` of (method - baseline) over the seeds both
     have, on ``<which>_<main metric>`` (default: test at the val-best checkpoint) or on
-    ``column`` (e.g. 'auc'), plus ``verdict``. Complete runs only."""
+    ``column`` (e.g. 'auc', higher is better), plus ``verdict`` (``margin``: the equivalence
+    margin, if one was fixed beforehand). Complete runs only."""
     rows = []
     for task, g in complete(runs).groupby("task", sort=True):
         col = column or f"{which}_{main_metric(g)}"
@@ -62,12 +64,13 @@ def compare(runs: pd.DataFrame, baseline: str = "orthogonal", which: str = "test
             s = paired_summary(pairs.loc[pairs["method"] == method, "diff"], confidence)
             rows.append({"task": task, "quantity": col, "method": method,
                          "baseline": baseline, **s,
-                         "verdict": verdict(s["ci_low"], s["ci_high"], s["n"])})
+                         "verdict": verdict(s["ci_low"], s["ci_high"], s["n"], margin)})
     return pd.DataFrame(rows)
 
 
 def verdict(low: float, high: float, n: int, margin: float | None = None) -> str:
-    """How an interval for (method - baseline) may be worded: 'better' (it lies above 0),
+    """How an interval for (method - baseline), higher is better, may be worded: 'better' (it
+    lies above 0),
     'worse' (below 0), 'equivalent within ±margin' (inside (-margin, margin): only with an
     explicit margin), else 'undetermined at n = K'."""
     if np.isfinite(low) and np.isfinite(high):
@@ -104,9 +107,10 @@ def bootstrap(runs: pd.DataFrame, baseline: str = "orthogonal", n_boot: int = 10
     pipeline's own ``metrics_from_outputs``. Columns:
     task, method, n_seeds, n_examples, diff (on the full test set), ci_low, ci_high (the
     percentile interval) and p (two-sided: twice the smaller tail of the resampled
-    differences around 0). Deterministic in ``seed``. Cost: one ``metrics_from_outputs``
-    call per run and resample (about 5 ms on MRPC: ~2 min for 25 runs at n_boot=1000). It measures test-set sampling noise
-    given these seeds, not seed-to-seed noise (that is ``compare``'s)."""
+    differences around 0). Deterministic in ``seed``. It measures test-set sampling noise
+    given these seeds, not seed-to-seed noise (that is ``compare``'s). Cost: one
+    ``metrics_from_outputs`` call per run and resample (about 5 ms on MRPC: ~2 min for 25
+    runs at n_boot=1000)."""
     rows = []
     for task, g in complete(runs).groupby("task", sort=True):
         metric = main_metric(g)
@@ -150,35 +154,44 @@ def _fmt(x, spec=".3f"):
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
 
+def _p(x):
+    return "<0.001" if x < 0.001 else _fmt(x)
+
+
 def stats_markdown(cmp: pd.DataFrame, boot: pd.DataFrame | None = None,
                    conv: pd.DataFrame | None = None, title: str | None = None) -> str:
-    """The stats table as markdown, one section per task: per method the paired difference
-    vs the baseline (mean, 95% t CI, n, paired t and Wilcoxon p, verdict), the bootstrap
-    interval when ``boot`` is given, and the convergence summary (``conv``: rows of
+    """The stats tables as markdown, per task and compared quantity (in ``cmp``'s order, e.g.
+    ``compare`` on the test metric, then on 'auc'): per method the paired difference vs the
+    baseline (mean, 95% t CI, n, paired t and Wilcoxon p, verdict), the bootstrap interval
+    from ``boot`` for the test metric, then the task's convergence summary (``conv``: rows of
     ``analysis.convergence_summary``) when given; ``title`` on top."""
     lines = [f"# {title}", ""] if title else []
-    for task, g in cmp.groupby("task", sort=True):
-        base = label(g["baseline"].iloc[0])
-        lines += [f"## {task_label(task)}: {g['quantity'].iloc[0]}, method − {base} "
-                  "(paired by seed)", "",
-                  "| method | n | mean diff | 95% CI (t) | paired t p | Wilcoxon p "
-                  "| bootstrap 95% CI | verdict | note |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in g.itertuples():
-            b = None if boot is None or boot.empty else boot[
-                (boot["task"] == task) & (boot["method"] == r.method)]
-            bci = (f"[{b['ci_low'].iloc[0]:+.3f}, {b['ci_high'].iloc[0]:+.3f}]"
-                   if b is not None and len(b) else "–")
-            ci = f"[{_fmt(r.ci_low, '+.3f')}, {_fmt(r.ci_high, '+.3f')}]"
-            lines.append(f"| {label(r.method)} | {r.n} | {_fmt(r.mean_diff, '+.3f')} | {ci} "
-                         f"| {_fmt(r.t_p)} | {_fmt(r.wilcoxon_p)} | {bci} | {r.verdict} "
-                         f"| {r.note} |")
-        lines.append("")
+    for task in sorted(cmp["task"].unique()):
+        t = cmp[cmp["task"] == task]
+        for quantity in t["quantity"].unique():
+            g = t[t["quantity"] == quantity]
+            lines += [f"## {task_label(task)}: {quantity}, method − "
+                      f"{label(g['baseline'].iloc[0])} (paired by seed)", "",
+                      "| method | n | mean diff | 95% CI (t) | paired t p | Wilcoxon p "
+                      "| bootstrap 95% CI | verdict | note |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for r in g.itertuples():
+                b = None if boot is None or boot.empty else boot[
+                    (boot["task"] == task) & (boot["method"] == r.method)
+                    & ("test_" + boot["metric"] == quantity)]
+                bci = (f"[{b['ci_low'].iloc[0]:+.3f}, {b['ci_high'].iloc[0]:+.3f}]"
+                       if b is not None and len(b) else "–")
+                ci = f"[{_fmt(r.ci_low, '+.3f')}, {_fmt(r.ci_high, '+.3f')}]"
+                lines.append(f"| {label(r.method)} | {r.n} | {_fmt(r.mean_diff, '+.3f')} "
+                             f"| {ci} | {_p(r.t_p)} | {_p(r.wilcoxon_p)} | {bci} "
+                             f"| {r.verdict} | {r.note} |")
+            lines.append("")
         if conv is not None and task in set(conv["task"]):
             c = conv[conv["task"] == task]
-            lines += ["Convergence: evaluated steps until a run first reaches the target "
-                      "(the baseline run of its seed; censored: never reached within the run), "
-                      "and the area under its eval curve / step range.", "",
+            lines += [f"### {task_label(task)}: convergence",
+                      "", "Evaluated steps until a run first reaches the target (the baseline "
+                      "run of its seed; censored: never reached within the run), and the area "
+                      "under its eval curve / step range.", "",
                       "| method | reached | median steps (reached) | mean AUC |",
                       "|---|---|---|---|"]
             lines += [f"| {label(r.method)} | {r.reached}/{r.n} | {_fmt(r.median_steps, '.0f')}"

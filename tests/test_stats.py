@@ -1,6 +1,7 @@
 """Paired statistics against scipy and hand-computed cases; pairing by seed; the bootstrap's
 determinism; the wording of intervals."""
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats as st
 
@@ -112,10 +113,18 @@ def test_bootstrap_refuses_predictions_that_do_not_match_the_log(study):
 
 def test_stats_markdown_has_a_row_per_method(study):
     runs = A.load_logs(study)
-    conv = A.convergence_summary(A.convergence(A.load_curves(study), runs))
-    md = S.stats_markdown(S.compare(runs), S.bootstrap(runs, n_boot=50), conv)
-    assert md.startswith("## MRPC: test_accuracy, method − LoRA-FA orthogonal")
-    rows = [line for line in md.splitlines() if line.startswith("| LoRA-FA")]
+    curves = A.load_curves(study)
+    conv = A.convergence_summary(A.convergence(curves, runs))
+    auc = S.compare(runs.assign(auc=runs["run_id"].map(A.curve_auc(curves, runs))),
+                    column="auc", margin=0.01)
+    assert (auc["verdict"].iloc[0], auc["mean_diff"].iloc[0]) == ("equivalent within ±0.01", 0)
+    md = S.stats_markdown(pd.concat([S.compare(runs), auc]), S.bootstrap(runs, n_boot=50),
+                          conv, title="Study")
+    assert md.startswith("# Study\n\n## MRPC: test_accuracy, method − LoRA-FA orthogonal")
+    test, auc_part = md.split("## MRPC: auc")
+    rows = [line for line in test.splitlines() if line.startswith("| LoRA-FA")]
     assert any(r.startswith("| LoRA-FA svd (S in B) | 3 | +0.058 |") for r in rows)
     assert any("undetermined at n = 1" in r and "n = 1: no interval" in r for r in rows)
-    assert "| LoRA-FA orthogonal | 3/3 |" in md  # the convergence table
+    assert rows[0].split("|")[7].strip().startswith("[")  # the bootstrap interval
+    assert "| – | equivalent within ±0.01 |" in auc_part  # no bootstrap for the AUC
+    assert "| LoRA-FA orthogonal | 3/3 |" in auc_part  # the convergence table, last
