@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -248,8 +249,10 @@ def test_two_process_run_matches_single(glue_dir, tmp_path, tiny_bert_dir):
     from safetensors.torch import load_file
 
     model = tiny_bert_dir(0.0)  # no dropout: per-process RNG streams cannot matter
-    # 27 examples, batch 8: the last global batch (3) splits 2/1, eval 13 splits 7/6
-    kw = dict(subsample_train=27, subsample_dev=13, reg_coeff=0.01, grad_clip=1.0)
+    # the val protocol: 34 rows = 27 train + 7 val; batch 8: the last global batch (3) splits
+    # 2/1, val 7 splits 4/3, test 13 splits 7/6
+    kw = dict(subsample_train=34, subsample_dev=13, reg_coeff=0.01, grad_clip=1.0,
+              val_fraction=0.2, eval_every_steps=3)
     script = tmp_path / "ddp.py"
     script.write_text(DDP_RUNNER.format(root=str(ROOT)))
     cfg = tiny(glue_dir, tmp_path / "ddp", model, **kw)
@@ -272,5 +275,13 @@ def test_two_process_run_matches_single(glue_dir, tmp_path, tiny_bert_dir):
                                 {n: p.detach().clone() for n, p in m.named_parameters()
                                  if p.requires_grad}))
     assert_close_history(ddp, single, tol=1e-4)
+    assert (ddp["data"]["n_train"], ddp["data"]["n_val"]) == (27, 7)
+    assert ddp["selection"]["step"] == single["selection"]["step"]
+    for which in ("at_best", "final"):
+        for k, v in single["test"][which].items():
+            assert ddp["test"][which][k] == pytest.approx(v, abs=1e-4), (which, k)
+    preds = [np.load(Path(c, "mrpc", h["predictions"]))["pred"]
+             for c, h in ((cfg.logs_dir, ddp), (tmp_path / "single" / "logs", single))]
+    assert preds[0].shape == (13, 2) and np.allclose(preds[0], preds[1], atol=1e-4)
     for k in r0:
         assert torch.allclose(r0[k], single_weights[k], atol=1e-4), k
