@@ -134,11 +134,13 @@ def run_configs(configs: list[RunConfig], retry_failed: bool = False, dry_run: b
     for i, (cfg, old) in enumerate(zip(configs, logs), 1):
         head = f"[{i}/{len(configs)}] {cfg.run_id}"
         status = old and old.get("status")
+        lock = _lock_path(cfg)
         if dry_run or _done(status, retry_failed):
-            _print(f"{head}: {status or 'todo'}" + ("" if dry_run else ", skipped"))
+            owner = _owner(lock) if dry_run else None
+            held = f" (claimed by pid {owner.get('pid', '?')})" if owner is not None else ""
+            _print(f"{head}: {status or 'todo'}" + (held if dry_run else ", skipped"))
             results.append(_summary(cfg, old, skipped=True))
             continue
-        lock = _lock_path(cfg)
         claimed, note = _on_main(lambda: claim(lock))
         if not claimed:
             _print(f"{head}: {note}, skipped")
@@ -403,6 +405,10 @@ def main(argv=None) -> int:
     try:
         configs = grid(args)  # every field given is an axis; the rest keep RunConfig's defaults
         results = run_configs(configs, **sweep)
+    except KeyboardInterrupt:
+        _print("sweep: interrupted; the next sweep resumes killed runs from their last "
+               "checkpoint", file=sys.stderr)
+        return 130
     except USER_ERRORS as e:
         if sweep["debug"]:
             raise

@@ -261,6 +261,8 @@ def test_a_run_claimed_by_a_live_worker_is_left_to_it(tmp_path, capsys, monkeypa
     out = capsys.readouterr().out
     assert f"{cfg.run_id}: claimed by pid {os.getppid()}, skipped" in out
     assert "1 claimed by other workers" in out
+    assert S.main(["--logs-dir", str(tmp_path), "--dry-run"]) == 0  # shows who runs what
+    assert f"{cfg.run_id}: todo (claimed by pid {os.getppid()})" in capsys.readouterr().out
 
 
 def test_two_workers_on_one_grid_never_run_a_config_twice(glue_dir, tmp_path, tiny_bert_dir):
