@@ -29,24 +29,28 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _zero_b(w, rank):
+    return torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device)
+
+
 def kaiming(w, rank, scale, generator=None, **_):
     """LoRA's default: A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (kaiming-uniform with a=sqrt(5), as
     nn.Linear), B = 0, W_res = W (None)."""
-    d_out, d_in = w.shape
+    d_in = w.shape[1]
     bound = 1.0 / math.sqrt(d_in)
     a = torch.empty(rank, d_in, dtype=compute_dtype(w), device=w.device)
     a.uniform_(-bound, bound, generator=generator)
-    return a.to(w.dtype), torch.zeros(d_out, rank, dtype=w.dtype, device=w.device), None
+    return a.to(w.dtype), _zero_b(w, rank), None
 
 
 def orthogonal(w, rank, scale, generator=None, **_):
     """A has orthonormal rows (Q of the QR of a Gaussian d_in x r matrix), B = 0, W_res = W:
     the frozen random projection of the LoRA-FA paper, which keeps ||A x|| = ||x|| on A's span."""
-    d_out, d_in = w.shape
+    d_in = w.shape[1]
     g = torch.randn(d_in, rank, dtype=compute_dtype(w), device=w.device, generator=generator)
     q, r = torch.linalg.qr(g)
     q = q * torch.sign(torch.diagonal(r))  # fix the sign so the result is unique for a seed
-    return q.T.contiguous().to(w.dtype), torch.zeros(d_out, rank, dtype=w.dtype, device=w.device), None
+    return q.T.contiguous().to(w.dtype), _zero_b(w, rank), None
 
 
 def _svd_components(w, rank, *, minor, solver, niter, generator):
@@ -117,8 +121,7 @@ def gradient(w, rank, scale, *, grad, generator=None, svd_solver="exact", niter=
     ``grad`` is G (d_out x d_in), e.g. from ``lora.estimate_gradients``."""
     _, _, vh = _svd_components(grad, rank, minor=False, solver=svd_solver, niter=niter,
                                generator=generator)
-    d_out, _ = w.shape
-    return vh.to(w.dtype).contiguous(), torch.zeros(d_out, rank, dtype=w.dtype, device=w.device), None
+    return vh.to(w.dtype).contiguous(), _zero_b(w, rank), None
 
 
 class Init(NamedTuple):

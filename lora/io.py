@@ -83,12 +83,12 @@ def _extra_state(model, what: str) -> tuple[dict, dict]:
     """(head, trained biases outside adapters and head): what a fresh base would not have.
     Refuses other trainable parameters, which neither save_lora nor export_peft stores."""
     head, biases = {}, {}
-    wrapped = tuple(f"{name}.base." for name, _ in lora_modules(model))
+    wrapped = [f"{name}.base." for name, _ in lora_modules(model)]
     for n, p in model.named_parameters():
         if ".lora_" in n:
             continue
-        if n.startswith(wrapped):  # a base layer's bias under its name in the plain model
-            n = n.replace(".base.", ".", 1) if n.count(".base.") == 1 else n
+        # a wrapped layer's bias is stored under its name in the plain model: '<layer>.bias'
+        n = next((w[:-5] + n[len(w):] for w in wrapped if n.startswith(w)), n)
         if _is_head(n):
             head[n] = p.detach()
         elif p.requires_grad and n.endswith("bias"):
@@ -112,20 +112,18 @@ def _adapter_keys(name: str, settings: LoRASettings) -> list[str]:
 def save_lora(model, folder, base_model: str | None = None) -> Path:
     """Write the adapters, the classification head (always: a fresh base's head is random)
     and any trained biases to ``folder``; ``load_lora`` into a fresh base reproduces the model."""
-    cfg = lora_config(model)
-    settings = LoRASettings(**{k: cfg[k] for k in SETTINGS})
+    cfg, mods = lora_config(model), lora_modules(model)  # lora_config: the adapters agree
+    settings = mods[0][1].settings
     head, biases = _extra_state(model, "save_lora")
-    state = model.state_dict(keep_vars=False)
-    tensors, shapes = {}, {}
-    for name, m in lora_modules(model):
-        tensors.update({k: state[k] for k in _adapter_keys(name, settings)})
-        shapes[name] = list(m.base.weight.shape)
+    state = model.state_dict()
+    tensors = {k: state[k] for name, _ in mods for k in _adapter_keys(name, settings)}
     tensors.update({f"head.{n}": t for n, t in head.items()})
     tensors.update({f"bias.{n}": t for n, t in biases.items()})
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    cfg.update(format_version=FORMAT_VERSION, base_model=base_model, shapes=shapes,
-               scale=settings.scale, head=sorted(head), biases=sorted(biases),
-               fingerprint=_combined_fingerprint({n: m.fingerprint for n, m in lora_modules(model)}),
+    cfg.update(format_version=FORMAT_VERSION, base_model=base_model, scale=settings.scale,
+               shapes={name: list(m.base.weight.shape) for name, m in mods},
+               head=sorted(head), biases=sorted(biases),
+               fingerprint=_combined_fingerprint({n: m.fingerprint for n, m in mods}),
                sha256={k: tensor_sha256(v) for k, v in sorted(tensors.items())})
     folder = Path(folder)
     atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp))
@@ -137,8 +135,10 @@ def _check_safetensors(path: Path) -> None:
     """Refuse anything that is not a safetensors file (a pickle would run code when loaded)."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if len(head) < 9 or head[8:9] != b"{" or struct.unpack("<Q", head[:8])[0] > os.path.getsize(path):
-        kind = "a pickle" if head[:1] == b"\x80" or head[:2] == b"PK" else "not safetensors (or truncated)"
+    header_size = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else None
+    if header_size is None or head[8:9] != b"{" or header_size > os.path.getsize(path):
+        pickled = head[:1] == b"\x80" or head[:2] == b"PK"
+        kind = "a pickle" if pickled else "not safetensors (or truncated)"
         raise ValueError(f"{path} is {kind}: only safetensors adapters are loaded (pickles can run "
                          "code); re-save it with save_lora")
 
@@ -153,7 +153,8 @@ def _read_config(folder: Path) -> dict:
         raise ValueError(f"{CONFIG} has format_version {version!r}, this loader reads "
                          f"{FORMAT_VERSION} (with checksums); re-save with save_lora")
     types = {"targets": list, "shapes": dict, "head": list, "biases": list, "sha256": dict,
-             "fingerprint": str, "scale": (int, float), **{k: object for k in SETTINGS}}
+             "fingerprint": str, "scale": (int, float), "base_model": object,
+             **{k: object for k in SETTINGS}}
     for key, typ in types.items():
         if key not in cfg or not isinstance(cfg[key], typ):
             raise ValueError(f"{CONFIG} lacks a valid {key!r}; re-save with save_lora")
@@ -164,8 +165,9 @@ def _read_tensors(folder: Path, cfg: dict) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(folder / WEIGHTS)
     except Exception as e:  # safetensors raises its own error types for bad headers / sizes
-        raise ValueError(f"{WEIGHTS} is truncated or corrupt ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); re-save with save_lora") from None
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        raise ValueError(f"{WEIGHTS} is truncated or corrupt ({why}); re-save with save_lora"
+                         ) from None
     missing, extra = set(cfg["sha256"]) - set(tensors), set(tensors) - set(cfg["sha256"])
     if missing or extra:
         which = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(extra)[:3]}"
@@ -199,19 +201,19 @@ def _validate(model, cfg: dict, tensors: dict, check_fingerprint: bool):
     per_layer, saved = {}, {}
     for name, shape in cfg["shapes"].items():
         if not isinstance(modules.get(name), nn.Linear):
-            raise ValueError(f"adapter targets {name!r}, which this model lacks (no nn.Linear of that name): "
-                             "load it into the base model it was trained on")
+            raise ValueError(f"adapter targets {name!r}, which this model lacks (no nn.Linear "
+                             "of that name): load it into the base model it was trained on")
         w = modules[name].weight
         if list(w.shape) != shape:
             raise ValueError(f"shape mismatch at {name!r}: adapter expects {shape}, model has "
                              f"{list(w.shape)}: load it into the base model it was trained on")
         a_key = f"{name}.lora_A0" if f"{name}.lora_A0" in tensors else f"{name}.lora_A"
         b0 = tensors.get(f"{name}.lora_B0", torch.zeros(w.shape[0], settings.rank))
-        a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
-        if list(a.shape) != [settings.rank, w.shape[1]] or list(b.shape) != [w.shape[0], settings.rank]:
-            raise ValueError(f"tensors of {name!r} have shapes A {list(a.shape)}, B {list(b.shape)}"
-                             f" but rank={settings.rank} and the layer is {list(w.shape)}: the "
-                             "config was edited")
+        a, b = tensors[f"{name}.lora_A"].shape, tensors[f"{name}.lora_B"].shape
+        if (a, b) != ((settings.rank, w.shape[1]), (w.shape[0], settings.rank)):
+            raise ValueError(f"tensors of {name!r} have shapes A {list(a)}, B {list(b)} but "
+                             f"rank={settings.rank} and the layer is {list(w.shape)}: the config "
+                             "was edited")
         saved[name] = (tensors[a_key], b0)
         per_layer[name] = weight_fingerprint(w)
     for kind in ("head", "bias"):
@@ -222,9 +224,10 @@ def _validate(model, cfg: dict, tensors: dict, check_fingerprint: bool):
                 raise ValueError(f"{kind} tensor {n!r} has shape {list(t.shape)}, the model: {has};"
                                  " load it into a model with the same head (e.g. num_labels)")
     if check_fingerprint and _combined_fingerprint(per_layer) != cfg["fingerprint"]:
-        raise ValueError(f"base weights fingerprint {_combined_fingerprint(per_layer)} != adapter's "
-                         f"{cfg['fingerprint']} (trained on {cfg.get('base_model')!r}): wrong base "
-                         "model or dtype; load the same base (or pass check_fingerprint=False)")
+        raise ValueError(f"base weights fingerprint {_combined_fingerprint(per_layer)} != "
+                         f"adapter's {cfg['fingerprint']} (trained on {cfg['base_model']!r}): "
+                         "wrong base model or dtype; load the same base (or pass "
+                         "check_fingerprint=False)")
     return settings, saved
 
 

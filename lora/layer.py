@@ -179,7 +179,8 @@ def find_targets(model: nn.Module, targets="attention") -> list[str]:
 
 
 def weight_fingerprint(w: torch.Tensor) -> str:
-    return hashlib.sha256(w.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+    data = w.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def _set_module(model, name, new):
