@@ -8,7 +8,7 @@ GLUE_DIR ?= $(abspath $(wildcard ../shared/glue))
 export GLUE_DIR
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup main test experiments followups plots
+.PHONY: setup main test experiments followups plots study gpu-pack gpu-dryrun gpu-unpack
 
 setup: $(VENV)/.installed
 
@@ -59,3 +59,21 @@ followups: setup
 plots: setup
 	mkdir -p runs
 	$(BIN)/papermill plots_for_preso.ipynb runs/plots_for_preso.ipynb
+
+# The study (pipeline/study.py holds its one spec): lr selection on val (logs/study_lr), then the
+# main grid at the selected lrs (logs/study), task by task; resumes where it stopped. Two
+# workers: `make study STUDY_ARGS=--shard=0/2 &` and `make study STUDY_ARGS=--shard=1/2`.
+study: setup
+	$(BIN)/python -m pipeline.study all $(STUDY_ARGS)
+
+# The GPU kit: .gpu/ (git-ignored) holds the fp16 MiniLM and the study's GLUE files; the dry run
+# is the device run's entry point on CPU with the tiny study; unpack takes the returned archive.
+gpu-pack: setup
+	$(BIN)/python -m pipeline.gpu pack --dest .gpu
+
+gpu-dryrun: gpu-pack
+	$(BIN)/python -m pipeline.gpu --pack .gpu --out runs/gpu-dryrun --budget-s 100 --smoke --workers 2
+
+gpu-unpack: setup
+	$(if $(ARCHIVE),,$(error give ARCHIVE=<path of gpu_results.tar.gz>))
+	$(BIN)/python -m pipeline.gpu unpack $(ARCHIVE)

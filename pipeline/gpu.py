@@ -55,24 +55,13 @@ def _sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- pack (here)
-def pack(dest=".gpu", glue_dir=None, tasks=S.TASKS, model_dir=None) -> dict:
-    """Write the pack folder (replaced as a whole, atomically); returns its manifest.
-    ``model_dir``: another model folder in place of the embedded MiniLM (tests)."""
+def _fill_pack(tmp: Path, src: Path, glue: Path, tasks) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from .data import get_task, resolve_glue_dir
-    from .models import minilm_path
+    from .data import get_task
 
-    glue = resolve_glue_dir(glue_dir)
-    if glue is None:
-        raise FileNotFoundError("the pack needs a local GLUE folder: set GLUE_DIR or "
-                                "--glue-dir (the hub is not packed)")
-    dest = Path(dest)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     (tmp / MODEL_DIR).mkdir(parents=True)
-    src = Path(model_dir or minilm_path())
     weights = load_file(src / "model.safetensors")
     save_file({k: v.to(torch.float16) if v.is_floating_point() else v
                for k, v in weights.items()}, tmp / MODEL_DIR / "model.safetensors",
@@ -88,13 +77,32 @@ def pack(dest=".gpu", glue_dir=None, tasks=S.TASKS, model_dir=None) -> dict:
                 raise FileNotFoundError(f"{glue / folder / split} not found: the pack needs "
                                         f"train.tsv and dev.tsv of {list(tasks)}")
             shutil.copy2(glue / folder / split, tmp / GLUE_DIR / folder / split)
-    files = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
-             for p in sorted(tmp.rglob("*")) if p.is_file()}
-    total = sum(f["bytes"] for f in files.values())
-    if total > PACK_LIMIT:
-        shutil.rmtree(tmp)
-        raise ValueError(f"the pack would be {total / 2**20:.1f} MiB, over the "
-                         f"{PACK_LIMIT / 2**20:.0f} MiB limit: pack fewer tasks")
+
+
+def pack(dest=".gpu", glue_dir=None, tasks=S.TASKS, model_dir=None) -> dict:
+    """Write the pack folder (replaced as a whole, atomically); returns its manifest.
+    ``model_dir``: another model folder in place of the embedded MiniLM (tests)."""
+    from .data import resolve_glue_dir
+    from .models import minilm_path
+
+    glue = resolve_glue_dir(glue_dir)
+    if glue is None:
+        raise FileNotFoundError("the pack needs a local GLUE folder: set GLUE_DIR or "
+                                "--glue-dir (the hub is not packed)")
+    src, dest = Path(model_dir or minilm_path()), Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _fill_pack(tmp, src, glue, tasks)
+        files = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        total = sum(f["bytes"] for f in files.values())
+        if total > PACK_LIMIT:
+            raise ValueError(f"the pack would be {total / 2**20:.1f} MiB, over the "
+                             f"{PACK_LIMIT / 2**20:.0f} MiB limit: pack fewer tasks")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     manifest = {"files": files, "total_bytes": total, "tasks": list(tasks),
                 "model": f"{'all-MiniLM-L6-v2' if model_dir is None else src.name}, float16 "
                          "storage (upcast to float32 at load)",
