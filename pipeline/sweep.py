@@ -32,13 +32,15 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from . import logs as L
-from .models import resolve_model
 from .config import RunConfig
+from .models import resolve_model
 from .train import run_experiment, stored_log
 
 # a bad input: the sweep stops with one line (missing file, unreachable hub, bad setting, ...)
 USER_ERRORS = (ValueError, OSError)
-STALE_TEMP_S = 60  # an atomic write's temp file older than this is a leftover of a killed run
+# a temp file of an atomic write, or a lock file still empty, older than this was left by a
+# killed process (a live one writes and renames within milliseconds)
+LEFTOVER_AGE_S = 60
 
 
 def _print(*a, file=None):
@@ -54,7 +56,8 @@ def _as_list(x) -> list:
 # ---------------------------------------------------------------- the grid
 def grid(axes: dict, **common) -> list[RunConfig]:
     """Every combination of ``axes`` ({RunConfig field: values}, the first axis outermost) with
-    the ``common`` fields. 'full' ignores init and rank, so its repeats are dropped (by run_id).
+    the ``common`` fields. 'full' ignores the adapter settings (init, rank, ...), so its repeats
+    are dropped (by run_id).
 
         grid({"init": ["orthogonal", "svd"], "lr": [1e-4, 5e-4], "seed": [0, 1]}, epochs=2)
     """
@@ -222,11 +225,16 @@ def _lock_path(cfg: RunConfig) -> Path:
 def _owner(lock: Path) -> dict | None:
     try:
         owner = json.loads(lock.read_text())
-        return owner if isinstance(owner, dict) else {}
+        if isinstance(owner, dict):
+            return owner
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {}  # being written right now (or garbled): treat as held
+        pass
+    try:  # being written right now, or its writer died before writing: its age tells which
+        return {"unreadable_since": lock.stat().st_mtime}
+    except FileNotFoundError:
+        return None
 
 
 def _started(pid: int) -> str | None:
@@ -244,7 +252,9 @@ def _me() -> dict:
 
 def _alive(owner: dict) -> bool:
     """False only when the owner is surely gone: same host, and no such process or one that
-    started at another time."""
+    started at another time (or a lock left unwritten for long)."""
+    if "unreadable_since" in owner:
+        return time.time() - owner["unreadable_since"] < LEFTOVER_AGE_S
     if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
         return True
     try:
@@ -270,25 +280,33 @@ def claim(lock: Path) -> tuple[bool, str]:
             if owner is None:
                 continue  # released in between: try again
             if _alive(owner):
-                where = "" if owner.get("host") == socket.gethostname() else \
-                    f" on {owner.get('host')} (delete {lock} if that sweep is gone)"
-                return False, f"claimed by pid {owner.get('pid', '?')}{where}"
+                return False, _holder(owner, lock)
             # stale: rename it away (only one worker wins the rename), then claim it afresh
             grave = lock.with_name(f".{lock.name}.{os.getpid()}.stale")
             try:
                 os.rename(lock, grave)
             except FileNotFoundError:
                 continue
-            if _owner(grave) != owner:  # we moved a fresh claim made in between: give it back
+            moved = _owner(grave)
+            if moved != owner:  # we moved a fresh claim made in between: give it back
                 os.rename(grave, lock)
-                return False, f"claimed by pid {(_owner(lock) or {}).get('pid', '?')}"
+                return False, _holder(moved or {}, lock)
             grave.unlink()
-            took_over = f"took over the stale lock of pid {owner['pid']} (gone)"
+            took_over = f"took over the stale lock of pid {owner.get('pid', '?')} (gone)"
             continue
         with os.fdopen(fd, "w") as f:
             json.dump({**_me(), "since": L.now()}, f)
         return True, took_over
     return False, f"could not claim {lock} (it keeps changing)"
+
+
+def _holder(owner: dict, lock: Path) -> str:
+    if "unreadable_since" in owner:
+        return f"claimed ({lock} is being written)"
+    if owner.get("host") != socket.gethostname():
+        return (f"claimed by pid {owner.get('pid')} on {owner.get('host')} (delete {lock} if "
+                "that sweep is gone)")
+    return f"claimed by pid {owner.get('pid')}"
 
 
 def release(lock: Path) -> None:
@@ -309,7 +327,7 @@ def clean_leftovers(folder: Path) -> list[Path]:
     removed = []
     for p in folder.glob(".*.*"):
         run = next((r for r in live if p.name[1:].startswith(r + ".")), None)
-        if p.is_file() and run is None and time.time() - p.stat().st_mtime > STALE_TEMP_S:
+        if p.is_file() and run is None and time.time() - p.stat().st_mtime > LEFTOVER_AGE_S:
             p.unlink(missing_ok=True)
             removed.append(p)
     ckpts = folder / ".ckpt"

@@ -249,6 +249,14 @@ def test_claim_is_exclusive_and_takes_over_only_stale_locks(tmp_path):
     # a live pid that started after the lock was written (reused, e.g. after a reboot)
     reused = _lock(tmp_path, os.getppid(), started="1")
     assert S.claim(reused) == (True, f"took over the stale lock of pid {os.getppid()} (gone)")
+    S.release(reused)
+    # a lock still empty: held while its writer may be writing it, taken over once old
+    empty = tmp_path / "run.lock"
+    empty.write_text("")
+    assert S.claim(empty) == (False, f"claimed ({empty} is being written)")
+    old = time.time() - 2 * S.LEFTOVER_AGE_S
+    os.utime(empty, (old, old))
+    assert S.claim(empty) == (True, "took over the stale lock of pid ? (gone)")
     assert os.listdir(tmp_path) == ["run.lock"]
 
 
@@ -291,7 +299,7 @@ def test_next_sweep_removes_leftovers_but_not_those_of_live_runs(tmp_path, monke
     _write_log(killed, "running")
     (folder / f"{live.run_id}.lock").write_text(json.dumps({"pid": os.getppid(),
                                                             "host": socket.gethostname()}))
-    old = time.time() - 2 * S.STALE_TEMP_S
+    old = time.time() - 2 * S.LEFTOVER_AGE_S
     temps = {r.run_id: folder / f".{r.run_id}.json.x1y2z3.tmp" for r in (done, live, killed)}
     fresh = folder / f".{done.run_id}.preds.npz.a1b2c3"
     for p in [*temps.values(), fresh]:
@@ -343,3 +351,27 @@ def test_full_runs_of_grids_at_other_ranks_are_the_same_run(tmp_path, monkeypatc
     monkeypatch.setattr(S, "run_experiment", lambda cfg: pytest.fail(f"reran {cfg.run_id}"))
     assert S.main(["--variant", "full", "--rank", "8", "16", "--alpha", "3", "--targets", "qv",
                    "--logs-dir", str(tmp_path)]) == 0
+
+
+CLAIMER = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from pipeline.sweep import claim
+while time.time() < float(sys.argv[2]):  # start together
+    pass
+print(json.dumps(claim(Path(sys.argv[1]))))
+time.sleep(1)  # hold the claim while the others look
+"""
+
+
+def test_only_one_of_several_workers_takes_over_a_stale_lock(tmp_path):
+    script = tmp_path / "claim.py"
+    script.write_text(CLAIMER.format(root=str(ROOT)))
+    lock = _lock(tmp_path, _dead_pid())
+    start = str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, str(script), str(lock), start],
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    got = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    assert sum(claimed for claimed, _ in got) == 1, got
+    assert all(note.startswith(("took over", "claimed by pid")) for _, note in got), got
