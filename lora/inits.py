@@ -111,17 +111,23 @@ def svd_minor(w, rank, scale, **kw):
     return _svd_init(w, rank, scale, minor=True, **kw)
 
 
-def gradient(w, rank, scale, *, grad, generator=None, svd_solver="exact", niter=4, **_):
+def gradient(w, rank, scale, *, grad, generator=None, svd_solver="exact", niter=4,
+             gradient_step=0.0, **_):
     """Gradient-aligned frozen A (LoRA-One / LoRA-GA's argument, for LoRA-FA): with A frozen,
     B's update reaches W as dW = s dB A, so only G A^T A - the part of the full fine-tuning
     gradient G = dL/dW inside A's row space - can act. By Eckart-Young the rank-r A that keeps
     most of G is A = V_r(G)^T, the top-r right singular vectors of G (orthonormal rows; exact or
     randomized SVD). B = 0 and W_res = W (None): the model is unchanged at step 0. The first
     SGD step on B then moves W by -lr s^2 G V_r V_r^T = -lr s^2 G_r, the best rank-r step.
-    ``grad`` is G (d_out x d_in), e.g. from ``lora.estimate_gradients``."""
-    _, _, vh = _svd_components(grad, rank, minor=False, solver=svd_solver, niter=niter,
-                               generator=generator)
-    return vh.to(w.dtype).contiguous(), _zero_b(w, rank), None
+    ``grad`` is G (d_out x d_in), e.g. from ``lora.estimate_gradients``.
+
+    ``gradient_step`` = eta > 0 (LoRA-One's one step): B = -eta U_r S_r / s, so s B A = -eta G_r
+    and the model starts one rank-r gradient step away from W (W_res = W, B0 = 0 still: the
+    original model is the one at B = 0)."""
+    u, sig, vh = _svd_components(grad, rank, minor=False, solver=svd_solver, niter=niter,
+                                 generator=generator)
+    b = (-gradient_step / scale) * u * sig[None, :] if gradient_step else _zero_b(w, rank)
+    return vh.to(w.dtype).contiguous(), b.to(w.dtype).contiguous(), None
 
 
 class Init(NamedTuple):

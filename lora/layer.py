@@ -52,6 +52,7 @@ class LoRASettings:
     svd_solver: str
     niter: int
     svd_split: str
+    gradient_step: float
 
     def __post_init__(self):
         def is_int(v):
@@ -80,7 +81,14 @@ class LoRASettings:
             raise ValueError(f"niter (randomized SVD power iterations) must be an int >= 0, "
                              f"got {self.niter!r}")
         if self.svd_split not in inits.SVD_SPLITS:
-            raise ValueError(f"unknown svd_split {self.svd_split!r}: use one of {inits.SVD_SPLITS}")
+            raise ValueError(f"unknown svd_split {self.svd_split!r}: use one of "
+                             f"{inits.SVD_SPLITS}")
+        if not is_real(self.gradient_step) or self.gradient_step < 0:
+            raise ValueError(f"gradient_step must be a finite number >= 0, got "
+                             f"{self.gradient_step!r} (0: B starts at 0)")
+        if self.gradient_step and self.init != "gradient":
+            raise ValueError(f"gradient_step only applies to init='gradient' (got init="
+                             f"{self.init!r}): drop it or use init='gradient'")
         if self.init == "svd_minor" and self.svd_solver != "exact":
             raise ValueError("init='svd_minor' needs svd_solver='exact': randomized SVD only "
                              "finds the largest singular values")
@@ -112,7 +120,9 @@ class LoRALinear(nn.Module):
             if inits.INITS[settings.init].changes_w:
                 self.register_buffer("lora_A0", a.detach().clone())
         self.lora_B = nn.Parameter(b)
-        self.register_buffer("lora_B0", b.detach().clone())
+        # B0: the B at which the model is the original one (W = W_res + s B0 A0)
+        changes_w = inits.INITS[settings.init].changes_w
+        self.register_buffer("lora_B0", b.detach().clone() if changes_w else torch.zeros_like(b))
         self.scale = settings.scale
         self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
         self.fingerprint = fingerprint  # hash of the *original* weight, checked on load
@@ -264,7 +274,8 @@ def plan_lora(model: nn.Module, settings: LoRASettings, targets="attention", gra
             # generators live on the CPU: draw there, move to the weight's device after
             a, b, w_res = init.fn(w.cpu(), rank, scale, generator=generator,
                                   svd_solver=settings.svd_solver, niter=settings.niter,
-                                  svd_split=settings.svd_split, **kw)
+                                  svd_split=settings.svd_split,
+                                  gradient_step=settings.gradient_step, **kw)
             a, b = a.to(w.device), b.to(w.device)
             w_res = None if w_res is None else w_res.to(w.device)
         planned.append(PlannedAdapter(name, a, b, w_res, weight_fingerprint(w)))
@@ -291,17 +302,18 @@ def apply_lora(model: nn.Module, plan: LoRAPlan) -> list[str]:
 def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16, init: str = "kaiming",
              targets="attention", freeze_a: bool = True, dropout: float = 0.0, seed: int = 0,
              rslora: bool = False, svd_solver: str = "exact", niter: int = 4,
-             svd_split: str = "sqrt", gradients=None) -> list[str]:
+             svd_split: str = "sqrt", gradients=None, gradient_step: float = 0.0) -> list[str]:
     """Wrap the target linears of ``model`` in place; returns their names.
 
     freeze_a=True is LoRA-FA (only B trains); False is plain LoRA. init='gradient' needs
-    ``gradients`` ({module name: dL/dW}, from ``estimate_gradients``). Everything is validated
+    ``gradients`` ({module name: dL/dW}, from ``estimate_gradients``); with ``gradient_step``
+    eta > 0 it starts one gradient step in (s B A = -eta G_r, LoRA-One). Everything is validated
     and every init computed (``plan_lora``) before the first module is replaced
     (``apply_lora``), so an error leaves the model as it was.
     """
     settings = LoRASettings(rank=rank, alpha=alpha, init=init, freeze_a=freeze_a,
                             dropout=dropout, seed=seed, rslora=rslora, svd_solver=svd_solver,
-                            niter=niter, svd_split=svd_split)
+                            niter=niter, svd_split=svd_split, gradient_step=gradient_step)
     return apply_lora(model, plan_lora(model, settings, targets, gradients=gradients))
 
 

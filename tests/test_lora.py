@@ -420,6 +420,9 @@ BAD_INPUTS = [
     (dict(init="kaiming", niter=2.5), ValueError, "niter"),
     (dict(init="gradient"), ValueError, "init='gradient' needs gradients"),
     (dict(init="svd", gradients={}), ValueError, "gradients are only used by init='gradient'"),
+    (dict(init="svd", gradient_step=0.1), ValueError, "gradient_step only applies"),
+    (dict(init="gradient", gradient_step=-1.0), ValueError, "gradient_step must be"),
+    (dict(init="gradient", gradient_step=float("nan")), ValueError, "gradient_step must be"),
 ]
 
 
@@ -497,7 +500,8 @@ def test_settings_live_on_the_adapters_and_lora_config_reads_them_back(tiny_robe
     assert not hasattr(model, "_lora_config")
     cfg = lora.lora_config(model)
     assert cfg == dict(rank=4, alpha=6, init="svd", freeze_a=True, dropout=0.0, seed=3,
-                       rslora=True, svd_solver="exact", niter=4, svd_split="b", targets=names)
+                       rslora=True, svd_solver="exact", niter=4, svd_split="b",
+                       gradient_step=0.0, targets=names)
     m = lora.lora_modules(model)[0][1]
     assert (m.rank, m.alpha, m.init, m.freeze_a, m.scale) == (4, 6, "svd", True, 6 / 2)
 
@@ -517,7 +521,7 @@ def test_plan_touches_nothing_and_apply_gives_add_lora(tiny_roberta, token_batch
     before = snapshot(model)
     settings = lora.LoRASettings(rank=4, alpha=8, init="svd", freeze_a=True, dropout=0.0,
                                  seed=0, rslora=False, svd_solver="exact", niter=4,
-                                 svd_split="sqrt")
+                                 svd_split="sqrt", gradient_step=0.0)
     plan = lora.plan_lora(model, settings, "attention")
     assert not lora.lora_modules(model)
     assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())

@@ -32,7 +32,7 @@ def regression_with_gradient(g_true, w):
     mean x x^T = I) and targets y_i = sqrt(d) (W - G)[:, i], giving dL/dW = W - Y^T X / n = G.
     Two equal batches, so the mean over batches is the mean over rows."""
     d = w.shape[1]
-    x = d ** 0.5 * torch.eye(d)
+    x = d ** 0.5 * torch.eye(d, dtype=w.dtype)
     y = d ** 0.5 * (w - g_true).T
     return [(x[: d // 2], y[: d // 2]), (x[d // 2:], y[d // 2:])]
 
@@ -61,6 +61,24 @@ def test_a_spans_the_top_r_right_singular_subspace_of_the_gradient(solver):
     cosines = torch.linalg.svdvals(m.lora_A @ v[:, :3])  # cosines of the principal angles
     assert cosines.min() >= 1 - 1e-5, cosines
     assert not m.lora_B.any() and torch.equal(m.base.weight, w)  # B = 0, W unchanged
+
+
+def test_gradient_step_starts_one_rank_r_gradient_step_in():
+    """LoRA-One's variant: s B A = -eta G_r, with B0 = 0 so remove_lora gives W back."""
+    g_true, _ = known_spectrum(12, 16, [8.0, 6.0, 4.0, 1.0], seed=2)
+    g_true = g_true.double()
+    w = torch.randn(12, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    model = Regression(w)
+    batches = regression_with_gradient(g_true, w)
+    grads = lora.estimate_gradients(model.double(), regression_loss, batches, targets=["proj"])
+    lora.add_lora(model, rank=2, alpha=3, init="gradient", targets=["proj"], gradients=grads,
+                  gradient_step=0.1)
+    u, sig, vh = torch.linalg.svd(g_true)
+    g_r = u[:, :2] @ torch.diag(sig[:2]) @ vh[:2]
+    torch.testing.assert_close(model.proj.delta(), -0.1 * g_r, atol=1e-10, rtol=0)
+    assert not model.proj.lora_B0.any() and torch.equal(model.proj.base.weight, w)
+    lora.remove_lora(model)
+    assert torch.equal(model.proj.weight, w)
 
 
 def test_step0_logits_equal_the_base_model(tiny_roberta, token_batch):

@@ -19,6 +19,7 @@ INIT_CASES = {  # name -> add_lora kwargs
     "svd-b": dict(init="svd", svd_split="b"),
     "svd_minor": dict(init="svd_minor"),
     "gradient": dict(init="gradient"),
+    "gradient-step": dict(init="gradient", gradient_step=0.1),
 }
 PRESETS = ["attention", "qv", "all-linear"]
 LABELS = torch.tensor([0, 1, 1, 0])
@@ -52,7 +53,9 @@ def make_base(tiny_roberta, tiny_bert_dir):
 
 def trained(base, batch, *, init, targets, freeze_a, head, **kw):
     """add_lora + a few AdamW steps, as a user would train."""
-    gradients = lora.estimate_gradients(base, loss_fn, [batch], targets) if init == "gradient" else None
+    gradients = None
+    if init == "gradient":
+        gradients = lora.estimate_gradients(base, loss_fn, [batch], targets)
     lora.add_lora(base, rank=4, alpha=8, init=init, targets=targets, freeze_a=freeze_a,
                   gradients=gradients, **kw)
     lora.mark_only_lora_as_trainable(base, head=head)
