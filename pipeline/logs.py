@@ -55,6 +55,8 @@ import json
 import os
 import platform
 import subprocess
+import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -140,16 +142,32 @@ def environment(device=None, num_processes=1, mixed_precision="no", model_path=N
 
 
 # ---------------------------------------------------------------- writing one run's log
-def new_history(config: dict, env: dict, data: dict, model: dict, main_metric: str,
-                reg: bool) -> dict:
+def new_history(cfg, env: dict, data: dict, model, adapted: list, main_metric: str) -> dict:
+    """The log of a fresh run (``cfg`` a RunConfig, ``model`` the model it trains)."""
     return {
-        "schema_version": SCHEMA_VERSION, "run_id": None, "status": "running", "error": None,
-        "config": config, "env": env, "data": data, "model": model, "adapter_stats": None,
-        "gradient_init": None, "main_metric": main_metric,
-        "train": {"step": [], "loss": [], "lr": [], **({"penalty": []} if reg else {})},
+        "schema_version": SCHEMA_VERSION, "run_id": cfg.run_id, "status": "running",
+        "error": None, "config": asdict(cfg), "env": env, "data": data,
+        "model": {"num_params": sum(p.numel() for p in model.parameters()),
+                  "trainable_params": sum(p.numel() for p in model.parameters()
+                                          if p.requires_grad),
+                  "adapted_modules": adapted},
+        "adapter_stats": None, "gradient_init": None, "main_metric": main_metric,
+        "train": {"step": [], "loss": [], "lr": [], **({"penalty": []} if cfg.reg_coeff else {})},
         "epochs": [], "evals": [], "final": {}, "best": {}, "selection": None,
         "stopped_early": None, "test": None, "predictions": None,
         "wall_time_s": 0.0, "started_at": now(), "updated_at": now(), "resumed_at_epoch": []}
+
+
+class LogWriter:
+    """Writes one run's log (on the main process only) with ``wall_time_s`` = the earlier
+    sessions' time + this session's, so far."""
+
+    def __init__(self, path, prior_wall_s: float, session_start: float, enabled: bool = True):
+        self.path, self.prior, self.start, self.enabled = path, prior_wall_s, session_start, enabled
+
+    def __call__(self, history: dict) -> None:
+        if self.enabled:
+            write_log(history, self.path, self.prior + time.time() - self.start)
 
 
 def resumed_history(checkpointed: dict, stored: dict | None, epoch: int) -> dict:

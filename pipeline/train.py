@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
 from functools import partial
 
 import numpy as np
@@ -127,9 +126,11 @@ def add_adapters(cfg: RunConfig, model, batches=None) -> list[str]:
     return adapted
 
 
-def make_optimizer(model, cfg: RunConfig):
-    """AdamW over trainable params; no weight decay on biases and LayerNorm; the head gets
-    ``head_lr`` when set."""
+def make_optimizer(model, cfg: RunConfig, total_steps: int):
+    """AdamW over trainable params (no weight decay on biases and LayerNorm; the head gets
+    ``head_lr`` when set) and its linear warmup-then-decay schedule."""
+    from transformers import get_linear_schedule_with_warmup
+
     from lora.layer import HEAD_NAMES
 
     groups = {}
@@ -142,7 +143,9 @@ def make_optimizer(model, cfg: RunConfig):
         groups.setdefault((lr, decay), []).append(p)
     param_groups = [{"params": ps, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0}
                     for (lr, decay), ps in groups.items()]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr)
+    return optimizer, get_linear_schedule_with_warmup(
+        optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
 
 def stored_log(cfg: RunConfig) -> dict | None:
@@ -183,7 +186,6 @@ def run_experiment(config: RunConfig, on_end=None) -> dict:
     history so far is written and returned."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
 
     cfg = config
     spec = get_task(cfg.task)
@@ -198,8 +200,7 @@ def run_experiment(config: RunConfig, on_end=None) -> dict:
     # told cpu=True; without a GPU that is the only sensible device anyway
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               cpu=cfg.cpu or not torch.cuda.is_available())
-    proc, nproc, main = (accelerator.process_index, accelerator.num_processes,
-                         accelerator.is_main_process)
+    nproc, main = accelerator.num_processes, accelerator.is_main_process
     t_session = time.time()
     set_seed(cfg.seed)  # python, numpy, torch (+cuda): head init and dropout are reproducible
 
@@ -216,30 +217,21 @@ def run_experiment(config: RunConfig, on_end=None) -> dict:
     first = [] if cfg.variant == "full" else [
         collator([train_feats[i] for i in b]).to(accelerator.device)
         for b in epoch_batches(cfg, train_feats, 0)[:cfg.gradient_batches]]
-    model.to(accelerator.device)
-    adapted = add_adapters(cfg, model, first)
+    adapted = add_adapters(cfg, model.to(accelerator.device), first)
     adapter_stats = adapter_input_rms(model, first) if adapted else None
 
     # -- optimizer and schedule. The scheduler is NOT passed to prepare: accelerate would
     # step it once per process, but our step count is already global
-    optimizer = make_optimizer(model, cfg)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    optimizer, scheduler = make_optimizer(model, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
 
     # -- the log, or the checkpoint to continue from
     env = L.environment(accelerator.device, nproc, cfg.mixed_precision, model_path)
-    history = L.new_history(
-        asdict(cfg), env, data_info,
-        {"num_params": sum(p.numel() for p in raw_model.parameters()),
-         "trainable_params": sum(p.numel() for p in trainable), "adapted_modules": adapted},
-        spec.metrics[0], reg=bool(cfg.reg_coeff))
-    history["run_id"] = cfg.run_id
+    history = L.new_history(cfg, env, data_info, raw_model, adapted, spec.metrics[0])
     history["adapter_stats"] = adapter_stats
-    if cfg.init == "gradient":
-        history["gradient_init"] = {"batches": len(first)}
+    history["gradient_init"] = {"batches": len(first)} if cfg.init == "gradient" else None
     start_epoch, step, best = 0, 0, None
     ckpt = C.latest_checkpoint(cfg) if cfg.checkpoint else None
     if ckpt is not None:
@@ -249,13 +241,8 @@ def run_experiment(config: RunConfig, on_end=None) -> dict:
         history["env"] = env
         if main and not cfg.quiet:
             print(f"[{cfg.run_id}] resuming from {ckpt} (epoch {start_epoch}, step {step})")
-    prior_wall = history["wall_time_s"]
-
-    def wall():
-        return prior_wall + time.time() - t_session
-
-    if main:
-        L.write_log(history, path, wall())
+    write = L.LogWriter(path, history["wall_time_s"], t_session, enabled=main)
+    write(history)
 
     # -- training
     stop = False
@@ -278,7 +265,8 @@ def run_experiment(config: RunConfig, on_end=None) -> dict:
                 epoch_losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}")
 
-                # evaluate val every eval_every_steps and at the epoch end
+                # evaluate val every eval_every_steps and at the epoch end; keep the val-best
+                # tensors; stop when patience runs out
                 end_of_epoch = bi + 1 == len(batches)
                 if not end_of_epoch and not (cfg.eval_every_steps
                                              and step % cfg.eval_every_steps == 0):
@@ -286,75 +274,73 @@ def run_experiment(config: RunConfig, on_end=None) -> dict:
                 rec = L.record_eval(history, step, epoch + (bi + 1) / len(batches),
                                     evaluate(model, val_feats, collator, accelerator, cfg.task,
                                              cfg.eval_batch_size, cfg.quiet))
-                if history["selection"]["step"] == step:  # a new val-best: keep its tensors
+                if history["selection"]["step"] == step:
                     best = C.trainable_tensors(raw_model)
                 stop = cfg.patience is not None and L.evals_since_best(history) >= cfg.patience
                 if stop:
                     history["stopped_early"] = {"step": step, "epoch": rec["epoch"]}
-                if main:
-                    L.write_log(history, path, wall())
+                write(history)
                 if stop:
                     break
 
             # epoch record, progress line, checkpoint
             L.record_epoch(history, epoch + 1, step, float(np.mean(epoch_losses)),
-                           time.time() - t_epoch, {k: v for k, v in rec.items()
-                                                   if k not in ("step", "epoch")})
+                           time.time() - t_epoch, history["final"])
             if main and not cfg.quiet:
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in history["final"].items())
                 print(f"[{cfg.run_id}] epoch {epoch + 1}/{cfg.epochs} step {step}: {shown}")
-            if main:
-                L.write_log(history, path, wall())
+            write(history)
             if stop:
                 break
             if cfg.checkpoint and epoch + 1 < cfg.epochs:
                 C.save_checkpoint(cfg, accelerator, model, optimizer, scheduler, epoch + 1,
                                   step, history, best)
 
-        # -- test (GLUE dev) at the end and at the val-best step; its outputs are saved
+        # -- test (GLUE dev) at the val-best step and at the end; outputs saved beside the log
         if test_feats:
-            test_final, outputs = evaluate(model, test_feats, collator, accelerator, cfg.task,
-                                           cfg.eval_batch_size, cfg.quiet, return_outputs=True)
-            test_best, best_step = test_final, history["selection"]["step"]
-            if best_step != step:  # the val-best model is an earlier one
-                final_state = C.trainable_tensors(raw_model)
-                C.load_tensors(raw_model, best)
-                test_best, outputs = evaluate(model, test_feats, collator, accelerator,
-                                              cfg.task, cfg.eval_batch_size, cfg.quiet,
-                                              return_outputs=True)
-                C.load_tensors(raw_model, final_state)
-            history["test"] = {"at_best": {"step": best_step, **test_best},
-                               "final": {"step": step, **test_final}}
+            history["test"], outputs = measure_test(cfg, accelerator, model, test_feats,
+                                                    collator, best, history["selection"]["step"],
+                                                    step)
             if cfg.save_predictions and main:
                 history["predictions"] = L.write_predictions(
-                    path, outputs, np.asarray([f["labels"] for f in test_feats]))
-    except NonFiniteLoss as e:
-        history["status"], history["error"] = "failed", str(e)
+                    path, outputs, [f["labels"] for f in test_feats])
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt):  # interrupted stays 'running': it resumes
+            history["status"] = "failed"
+            history["error"] = str(e) if isinstance(e, NonFiniteLoss) else (
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        write(history)
+        if not isinstance(e, NonFiniteLoss):
+            raise
         if main:
-            L.write_log(history, path, wall())
             print(f"[{cfg.run_id}] FAILED: {e}")
         return history
-    except KeyboardInterrupt:
-        if main:
-            L.write_log(history, path, wall())  # still 'running': the sweep resumes it
-        raise
-    except Exception as e:
-        history["status"] = "failed"
-        history["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if main:
-            L.write_log(history, path, wall())
-        raise
 
     # -- done: the complete log, then the checkpoints go
     history["status"] = "complete"
-    if main:
-        L.write_log(history, path, wall())
+    write(history)
     if on_end is not None:
         on_end(raw_model, accelerator, history)
     if main and cfg.checkpoint:
         C.remove_checkpoints(cfg)
     accelerator.wait_for_everyone()
     return history
+
+
+def measure_test(cfg, accelerator, model, test_feats, collator, best: dict, best_step: int,
+                 step: int):
+    """GLUE dev at the end and with the val-best tensors ``best`` (the final ones restored
+    after); returns ({"at_best": {...}, "final": {...}}, outputs at the val-best step)."""
+    kw = dict(batch_size=cfg.eval_batch_size, quiet=cfg.quiet, return_outputs=True)
+    final, outputs = evaluate(model, test_feats, collator, accelerator, cfg.task, **kw)
+    at_best = final
+    if best_step != step:  # the val-best model is an earlier one
+        raw_model = accelerator.unwrap_model(model)
+        final_state = C.trainable_tensors(raw_model)
+        C.load_tensors(raw_model, best)
+        at_best, outputs = evaluate(model, test_feats, collator, accelerator, cfg.task, **kw)
+        C.load_tensors(raw_model, final_state)
+    return {"at_best": {"step": best_step, **at_best}, "final": {"step": step, **final}}, outputs
 
 
 def train_step(cfg, accelerator, model, optimizer, scheduler, trainable, collator, feats,

@@ -116,7 +116,7 @@ def test_head_lr_param_groups(tiny_bert_dir):
     cfg = RunConfig(model=tiny_bert_dir(), rank=2, lr=1e-4, head_lr=1e-2, weight_decay=0.1)
     model, *_ = T.load_model(cfg, 2)
     T.add_adapters(cfg, model)
-    opt = T.make_optimizer(model, cfg)
+    opt, _ = T.make_optimizer(model, cfg, total_steps=10)
     by_lr = {}
     for g in opt.param_groups:
         by_lr.setdefault(g["lr"], 0)
