@@ -403,14 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = p.add_argument_group("sweep")
     sweep.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     sweep.add_argument("--dry-run", action="store_true", help="list the grid and its status")
-    sweep.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+    sweep.add_argument("--shard", type=parse_shard, default=None, metavar="K/N",
                        help="run every N-th config of the whole grid from the K-th (N workers, "
                             "K = 0..N-1)")
     sweep.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
-def _shard(s: str) -> tuple[int, int]:
+def parse_shard(s: str) -> tuple[int, int]:
+    """'K/N' -> (K, N) for --shard (any CLI that splits a grid between N workers)."""
     k, sep, n = s.partition("/")
     if not (sep and k.isdigit() and n.isdigit() and int(k) < int(n)):
         raise argparse.ArgumentTypeError(f"{s!r} is not K/N with 0 <= K < N (e.g. 0/2)")
