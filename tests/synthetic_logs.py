@@ -1,9 +1,8 @@
 """Small synthetic run logs for the analysis, stats and plot tests: schema 2 (val curves,
 test at the val-best step, saved predictions) and schema 1 (the pilot), written with the
 pipeline's own log helpers so they have the real layout."""
-from dataclasses import asdict
-
 import numpy as np
+import torch
 
 from pipeline import logs as L
 from pipeline.config import RunConfig
@@ -29,11 +28,10 @@ def write_run(logs, method, seed, val, n_wrong=None, lr=5e-3, status="complete",
     ``outputs`` (scores) and ``labels`` instead, and ``val`` as pearson. Returns the log path."""
     cfg = RunConfig(**{"task": "mrpc", "seed": seed, "lr": lr, "logs_dir": str(logs),
                        **METHODS[method][1], **overrides})
-    config = asdict(cfg)
     metric = "pearson" if cfg.task == "stsb" else "accuracy"
-    h = L.new_history(config, {}, {"eval_split": "val" if schema == 2 else "dev"},
-                      {"trainable_params": 1}, metric, reg=False)
-    h["run_id"], h["status"] = cfg.run_id, status
+    h = L.new_history(cfg, {}, {"eval_split": "val" if schema == 2 else "dev"},
+                      torch.nn.Linear(1, 1), [], metric)
+    h["status"] = status
     L.record_step(h, 1, 0.7, lr)
     for i, v in enumerate(val):
         L.record_eval(h, 10 * (i + 1), i + 1.0, {"loss" if schema == 2 else "dev_loss": 1 - v,
