@@ -133,13 +133,16 @@ def gradient(w, rank, scale, *, grad, generator=None, svd_solver="exact", niter=
 class Init(NamedTuple):
     fn: Callable  # (w, rank, scale, **kw) -> (A, B, W_res)
     changes_w: bool  # True: B0 != 0 and W_res = W - s B0 A (SVD inits); False: B0 = 0, W kept
+    uses: tuple = ()  # the add_lora settings beyond rank/alpha/seed that this init reads
     needs_gradient: bool = False  # fn takes grad=G; add_lora(gradients={name: G})
 
 
+_SVD = ("svd_solver", "niter")
 INITS = {
     "kaiming": Init(kaiming, changes_w=False),
     "orthogonal": Init(orthogonal, changes_w=False),
-    "svd": Init(svd, changes_w=True),
-    "svd_minor": Init(svd_minor, changes_w=True),
-    "gradient": Init(gradient, changes_w=False, needs_gradient=True),
+    "svd": Init(svd, changes_w=True, uses=(*_SVD, "svd_split")),
+    "svd_minor": Init(svd_minor, changes_w=True, uses=("svd_split",)),  # exact SVD only
+    "gradient": Init(gradient, changes_w=False, uses=(*_SVD, "gradient_step"),
+                     needs_gradient=True),
 }

@@ -188,14 +188,15 @@ def _validate(model, cfg: dict, tensors: dict, check_fingerprint: bool):
                          f"{settings.rslora} give scale {settings.scale:g}, but the adapter was "
                          f"saved with scale {cfg['scale']:g}: the config was edited")
     if list(cfg["shapes"]) != cfg["targets"]:
-        raise ValueError(f"config targets {cfg['targets'][:3]}... disagree with its shapes "
-                         f"{list(cfg['shapes'])[:3]}...: the config was edited")
+        odd = sorted(set(cfg["shapes"]) ^ set(cfg["targets"])) or ["(their order)"]
+        raise ValueError(f"config targets ({len(cfg['targets'])}) disagree with its shapes "
+                         f"({len(cfg['shapes'])}) at {odd[0]!r}: the config was edited")
     expected = [k for name in cfg["targets"] for k in _adapter_keys(name, settings)]
     expected += [f"head.{n}" for n in cfg["head"]] + [f"bias.{n}" for n in cfg["biases"]]
     if set(expected) != set(tensors):
         diff = sorted(set(expected) - set(tensors)) or sorted(set(tensors) - set(expected))
         raise ValueError(f"init={settings.init!r}, freeze_a={settings.freeze_a} and the config's "
-                         f"targets/head expect other tensors than saved (first differing: "
+                         f"targets/head call for other tensors than the file holds (first: "
                          f"{diff[0]!r}): the config was edited")
     modules, params = dict(model.named_modules()), dict(model.named_parameters())
     per_layer, saved = {}, {}

@@ -570,3 +570,23 @@ def test_atomic_write_replaces_whole_files_with_a_readable_mode(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         lora.atomic_write(path, fail)
     assert path.read_text() == "two" and sorted(p.name for p in path.parent.iterdir()) == ["f.txt"]
+
+
+@pytest.mark.parametrize("init", ["kaiming", "orthogonal", "svd", "svd_minor", "gradient"])
+def test_an_init_ignores_the_settings_it_does_not_declare(tiny_roberta, init):
+    """INITS[init].uses lists what the init reads; anything else cannot change the adapters,
+    so a run id or a table may leave it out for that init."""
+    g = torch.Generator().manual_seed(0)
+    model = tiny_roberta()
+    grads = {n: torch.randn(model.get_submodule(n).weight.shape, generator=g)
+             for n in lora.find_targets(model, "attention")}
+
+    def adapters(**kw):
+        m = tiny_roberta()
+        lora.add_lora(m, rank=4, init=init, gradients=grads if init == "gradient" else None, **kw)
+        return snapshot(m)
+    reference = adapters()
+    others = {"svd_solver": "randomized", "niter": 1, "svd_split": "b"}
+    for key, value in others.items():
+        if key not in lora.INITS[init].uses and not (init == "svd_minor" and key == "svd_solver"):
+            assert all(torch.equal(v, reference[k]) for k, v in adapters(**{key: value}).items()), key
