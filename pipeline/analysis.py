@@ -276,6 +276,12 @@ def check_one_config_per_method(runs: pd.DataFrame) -> None:
                              f"({vals}); filter the runs to one per method first")
 
 
+def check_baseline(runs: pd.DataFrame, baseline: str) -> None:
+    if baseline not in set(runs["method"]):
+        raise ValueError(f"no complete runs of baseline method {baseline!r}; methods present: "
+                         f"{sorted(set(runs['method']))}")
+
+
 def pair_with_baseline(runs: pd.DataFrame, column: str, baseline: str = "orthogonal"):
     """Per task, every run beside the ``baseline`` method's run of the same seed: columns
     task, method, seed, run_id, value, baseline_run_id, baseline_value, diff (= value -
@@ -285,9 +291,7 @@ def pair_with_baseline(runs: pd.DataFrame, column: str, baseline: str = "orthogo
     check_one_config_per_method(d)
     if column not in d:
         raise ValueError(f"no column {column!r} in these runs")
-    if baseline not in set(d["method"]):
-        raise ValueError(f"no complete runs of baseline method {baseline!r}; methods present: "
-                         f"{sorted(set(d['method']))}")
+    check_baseline(d, baseline)
     keep = ["task", "method", "seed", "run_id", column]
     base = d[d["method"] == baseline][keep].drop(columns="method").rename(
         columns={"run_id": "baseline_run_id", column: "baseline_value"})
@@ -330,9 +334,12 @@ def convergence(curves: pd.DataFrame, runs: pd.DataFrame, baseline: str = "ortho
     evaluated step reaching it (``steps_to_target``; NaN when it never does), ``censored``
     (never reached: it ran ``last_step`` steps without getting there) and ``auc`` (area under
     its eval curve of the main metric divided by the step range: the curve's mean height).
-    Each task uses its own main metric."""
+    Each task uses its own main metric; a task without a complete baseline run is left out."""
     rows = []
+    check_baseline(complete(runs), baseline)
     for task, g in complete(runs).groupby("task"):
+        if baseline not in set(g["method"]):
+            continue
         metric = main_metric(g)
         pairs = pair_with_baseline(g, f"{which}_{metric}", baseline)
         base = g[g["method"] == baseline][["run_id", "method", "seed", f"{which}_{metric}"]]

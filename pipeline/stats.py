@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-from .analysis import (complete, load_predictions, main_metric, method_order,
-                       pair_with_baseline, task_label)
+from .analysis import (check_baseline, complete, load_predictions, main_metric,
+                       method_order, pair_with_baseline, task_label)
 from .methods import label
 from .metrics import metrics_from_outputs
 
@@ -55,13 +55,19 @@ def compare(runs: pd.DataFrame, baseline: str = "orthogonal", which: str = "test
     """Per task and method: ``paired_summary`` of (method - baseline) over the seeds both
     have, on ``<which>_<main metric>`` (default: test at the val-best checkpoint) or on
     ``column`` (e.g. 'auc', higher is better), plus ``verdict`` (``margin``: the equivalence
-    margin, if one was fixed beforehand). Complete runs only."""
+    margin, if one was fixed beforehand). Complete runs only; a task without a complete
+    baseline run gets n = 0 rows that say so."""
     rows = []
+    check_baseline(complete(runs), baseline)
     for task, g in complete(runs).groupby("task", sort=True):
         col = column or f"{which}_{main_metric(g)}"
-        pairs = pair_with_baseline(g, col, baseline)
+        has_base = baseline in set(g["method"])
+        pairs = pair_with_baseline(g, col, baseline) if has_base else None
         for method in sorted(set(g["method"]) - {baseline}, key=method_order):
-            s = paired_summary(pairs.loc[pairs["method"] == method, "diff"], confidence)
+            s = paired_summary([] if pairs is None else
+                               pairs.loc[pairs["method"] == method, "diff"], confidence)
+            if pairs is None:
+                s["note"] = f"no complete {baseline} run for this task yet"
             rows.append({"task": task, "quantity": col, "method": method,
                          "baseline": baseline, **s,
                          "verdict": verdict(s["ci_low"], s["ci_high"], s["n"], margin)})
@@ -112,7 +118,10 @@ def bootstrap(runs: pd.DataFrame, baseline: str = "orthogonal", n_boot: int = 10
     ``metrics_from_outputs`` call per run and resample (about 5 ms on MRPC: ~2 min for 25
     runs at n_boot=1000)."""
     rows = []
+    check_baseline(complete(runs), baseline)
     for task, g in complete(runs).groupby("task", sort=True):
+        if baseline not in set(g["method"]):
+            continue  # compare's rows say so
         metric = main_metric(g)
         pairs = pair_with_baseline(g, f"test_{metric}", baseline)
         if pairs.empty:

@@ -100,6 +100,33 @@ def test_bootstrap_on_scores_recomputes_pearson(tmp_path):
     assert b.loc["svd", "ci_low"] < want < b.loc["svd", "ci_high"]
 
 
+def test_a_task_without_baseline_runs_says_so(study):
+    write_run(study, "svd", 0, [0.5], task="rte")
+    runs = A.load_logs(study)
+    cmp = S.compare(runs).set_index(["task", "method"])
+    assert cmp.loc[("rte", "svd"), "n"] == 0
+    assert cmp.loc[("rte", "svd"), "note"] == "no complete orthogonal run for this task yet"
+    assert set(S.bootstrap(runs, n_boot=10)["task"]) == {"mrpc"}
+    assert set(A.convergence(A.load_curves(study), runs)["task"]) == {"mrpc"}
+    with pytest.raises(ValueError, match="no complete runs of baseline method 'full'"):
+        S.compare(runs, baseline="full")
+
+
+def test_bootstrap_needs_the_same_test_rows_and_saved_predictions(study):
+    runs = A.load_logs(study)
+    path = runs["predictions"].iloc[0]
+    with np.load(path) as z:
+        arrays = dict(z)
+    np.savez(path, **{**arrays, "index": arrays["index"] + 100})
+    with pytest.raises(ValueError, match="test rows differ from the other mrpc runs'"):
+        S.bootstrap(runs, n_boot=10)
+    with pytest.raises(ValueError, match="no saved predictions; rerun with save_predictions"):
+        S.bootstrap(runs.assign(predictions=None), n_boot=10)
+    np.savez(path, index=arrays["index"])
+    with pytest.raises(ValueError, match=r"missing arrays \['label', 'pred'\]"):
+        A.load_predictions(path)
+
+
 def test_bootstrap_refuses_predictions_that_do_not_match_the_log(study):
     runs = A.load_logs(study)
     path = runs.loc[runs["run_id"].str.endswith("svd-r8-lr5e-03-splitb-s1"), "predictions"]
