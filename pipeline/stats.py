@@ -5,8 +5,9 @@
     Path("figures/stats.md").write_text(stats_markdown(cmp, boot))
 
 Two runs with the same seed share the data order, the val split and the head's init seed,
-so the difference of their test metrics removes that part of the seed-to-seed noise: the statistics are
-on the per-seed differences ``method - baseline`` (``analysis.pair_with_baseline``).
+so the difference of their test metrics removes that part of the seed-to-seed noise: the
+statistics are on the per-seed differences ``method - baseline``
+(``analysis.pair_with_baseline``).
 Conclusions are worded from the intervals (``verdict``): "better" / "worse" only when the
 95% CI excludes 0, "undetermined at n = K" otherwise; "equivalent" only against an
 explicit margin.
