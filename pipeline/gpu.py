@@ -233,65 +233,82 @@ def run(pack_dir=".gpu", out=None, budget_s=520.0, workers=8, smoke=False, tasks
     print(f"gpu kit: {summary['device']}, pack verified ({summary['pack_mib']:.1f} MiB), "
           f"model upcast to fp32 in {time.time() - t0:.0f}s", flush=True)
 
-    # (a) benchmark: alone on the GPU, before the workers start
-    if bench:
-        b = _benchmark(work, env, 90.0 if gpu else 60.0, cpu_smoke=not gpu)
-        summary["bench"] = {"goals": b.get("goals"), "errors": b.get("errors") or b.get("error"),
-                            "wall_s": b.get("wall_s")}
-        print(f"benchmark done at {time.time() - t0:.0f}s", flush=True)
+    # (a) benchmark, alone on the GPU; (b) the study; (c) the archive, whatever happened
+    try:
+        if bench:
+            b = _benchmark(work, env, 90.0 if gpu else 60.0, cpu_smoke=not gpu)
+            summary["bench"] = {"goals": b.get("goals"),
+                                "errors": b.get("errors") or b.get("error"),
+                                "wall_s": b.get("wall_s")}
+            print(f"benchmark done at {time.time() - t0:.0f}s", flush=True)
+        summary.update(_study(work, env, workers, smoke, tasks, launch_stop, hard_stop, gpu, t0))
+    except BaseException as e:
+        summary["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        summary["wall_s"] = round(time.time() - t0)
+        archive = write_archive(work, out / ARCHIVE, summary)
+        summary["archive_mib"] = round(archive.stat().st_size / 2**20, 2)
+        print(summary_text(summary), flush=True)
+    return summary
 
-    # (b) the study: N workers, each its own share, in one process group each. They run in
-    # the scratch folder with relative paths, so no machine path lands in a log.
+
+def _study(work, env, workers, smoke, tasks, launch_stop, hard_stop, gpu, t0) -> dict:
+    """N workers, each its own share, in one process group each; they run in the scratch
+    folder with relative paths, so no machine path lands in a log. No launch after
+    ``launch_stop``, every worker stopped at ``hard_stop``."""
     logs_root = work / "logs"
     argv = ["--logs-dir", "logs/study", "--lr-logs-dir", "logs/study_lr", "--figures-dir",
             "figures", "--gpu"] + (["--smoke"] if smoke else []) \
         + (["--tasks", *tasks] if tasks else [])
     study = [sys.executable, "-m", "pipeline.study"]
-    procs, logs = [], []
+    procs, logs, utils, progress = [], [], [], []
     t_study = time.time()
-    for k in range(workers):
-        log = open(work / f"worker-{k}.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            [*study, "all", *argv, "--shard", f"{k}/{workers}",
-             "--deadline-s", f"{max(0.0, launch_stop - time.time()):.0f}"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=work))
-    utils, progress = [], []
-    while any(p.poll() is None for p in procs) and time.time() < hard_stop:
-        time.sleep(min(10.0, max(0.1, hard_stop - time.time())))
-        util = _gpu_util() if gpu else None
-        if util is not None:
-            utils.append(util)
-        c = _count(logs_root)
-        n_done = sum(v.get("complete", 0) for ph in c.values() for v in ph.values())
-        progress.append((round(time.time() - t_study), n_done))
-        print(f"  t={time.time() - t0:4.0f}s complete runs {n_done}"
-              + (f", GPU util {util:.0f}%" if util is not None else ""), flush=True)
-    killed = sum(p.poll() is None for p in procs)
-    _stop(procs)
-    for log in logs:
-        log.close()
+    try:
+        for k in range(workers):
+            logs.append(open(work / f"worker-{k}.log", "w"))
+            procs.append(subprocess.Popen(
+                [*study, "all", *argv, "--shard", f"{k}/{workers}",
+                 "--deadline-s", f"{max(0.0, launch_stop - time.time()):.0f}"],
+                env=env, stdout=logs[-1], stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=work))
+        while any(p.poll() is None for p in procs) and time.time() < hard_stop:
+            time.sleep(min(10.0, max(0.1, hard_stop - time.time())))
+            util = _gpu_util() if gpu else None
+            if util is not None:
+                utils.append(util)
+            n_done = _complete(_count(logs_root))
+            progress.append((round(time.time() - t_study), n_done))
+            print(f"  t={time.time() - t0:4.0f}s complete runs {n_done}"
+                  + (f", GPU util {util:.0f}%" if util is not None else ""), flush=True)
+        killed = sum(p.poll() is None for p in procs)
+    finally:
+        _stop(procs)
+        for log in logs:
+            log.close()
     study_s = time.time() - t_study
+    out = {}
     # the final table from every finished lr run (workers may have been stopped first)
-    with open(work / "select.log", "w") as log:
-        rc = subprocess.run([*study, "select", *argv], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, cwd=work, timeout=60).returncode
+    try:
+        with open(work / "select.log", "w") as log:
+            rc = subprocess.run([*study, "select", *argv], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=work, timeout=60).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
     if rc:
-        summary["selection_error"] = (work / "select.log").read_text()[-300:]
+        out["selection_error"] = f"exit {rc}: " + (work / "select.log").read_text()[-300:]
     counts = _count(logs_root)
-    n_complete = sum(v.get("complete", 0) for ph in counts.values() for v in ph.values())
-    summary.update(study_s=round(study_s), counts=counts, complete_runs=n_complete,
-                   runs_per_min=round(n_complete / (study_s / 60), 2) if study_s else None,
-                   gpu_util_mean=round(sum(utils) / len(utils), 1) if utils else None,
-                   progress=progress, workers_stopped_at_deadline=killed,
-                   worker_exit_codes=[p.returncode for p in procs])
+    n_complete = _complete(counts)
+    out.update(study_s=round(study_s), counts=counts, complete_runs=n_complete,
+               runs_per_min=round(n_complete / (study_s / 60), 2) if study_s else None,
+               gpu_util_mean=round(sum(utils) / len(utils), 1) if utils else None,
+               progress=progress, workers_stopped_at_deadline=killed,
+               worker_exit_codes=[p.returncode for p in procs])
+    return out
 
-    # (c) one archive
-    summary["wall_s"] = round(time.time() - t0)
-    archive = write_archive(work, out / ARCHIVE, summary)
-    summary["archive_mib"] = round(archive.stat().st_size / 2**20, 2)
-    print(summary_text(summary), flush=True)
-    return summary
+
+def _complete(counts: dict) -> int:
+    return sum(v.get("complete", 0) for phase in counts.values() for v in phase.values())
 
 
 def _thin(h: dict, every: int) -> dict:
@@ -317,7 +334,10 @@ def write_archive(work: Path, path: Path, summary: dict) -> Path:
                 tar.addfile(info, io.BytesIO(data))
 
             for log in sorted((work / "logs").glob("*/*/*.json")):
-                h = json.loads(log.read_text())
+                try:
+                    h = json.loads(log.read_text())
+                except (json.JSONDecodeError, OSError):
+                    h = {}
                 if h.get("status") not in ("complete", "failed"):
                     left_out.append(log.stem)
                     continue
@@ -341,23 +361,29 @@ def write_archive(work: Path, path: Path, summary: dict) -> Path:
 
 
 def summary_text(s: dict) -> str:
+    """One screen: the benchmark goals, runs per task and phase, throughput, the archive."""
     lines = [f"== GPU kit summary: {s['device']}{' (smoke)' if s['smoke'] else ''}, "
-             f"{s['wall_s']}s of {s['budget_s']:.0f}s, {s['workers']} workers x "
+             f"{s.get('wall_s')}s of {s['budget_s']:.0f}s, {s['workers']} workers x "
              f"{s['threads_per_worker']} threads"]
+    if s.get("error"):
+        lines.append(f"  ERROR: {s['error'][:300]}")
     b = s.get("bench") or {}
     for g in b.get("goals") or []:
-        lines.append("  bench " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else
-                                            f"{k}={v}" for k, v in g.items()
-                                            if not k.endswith("_goal")))
+        lines.append(f"  bench {g['shape']} {g['targets']}: " + ", ".join(
+            f"{k} {v:.3f} ({g[k + '_goal'].split(': ')[1]})" for k, v in g.items()
+            if k + "_goal" in g))
     if b.get("errors"):
         lines.append(f"  bench errors: {str(b['errors'])[:300]}")
-    for phase, tasks in sorted(s["counts"].items()):
+    for phase, tasks in sorted((s.get("counts") or {}).items()):
         lines.append(f"  {phase}: " + "; ".join(
             f"{t} " + " ".join(f"{k}={v}" for k, v in sorted(c.items())) for t, c in tasks.items()))
-    lines.append(f"  complete runs {s['complete_runs']} in {s['study_s']}s = "
-                 f"{s['runs_per_min']} runs/min; GPU util mean {s['gpu_util_mean']}%; "
-                 f"workers stopped at the deadline {s['workers_stopped_at_deadline']}; "
-                 f"killed runs left out {len(s.get('killed_runs_left_out', []))}")
+    if "complete_runs" in s:
+        lines.append(f"  complete runs {s['complete_runs']} in {s['study_s']}s = "
+                     f"{s['runs_per_min']} runs/min; GPU util mean {s['gpu_util_mean']}%; "
+                     f"workers stopped at the deadline {s['workers_stopped_at_deadline']}; "
+                     f"killed runs left out {len(s.get('killed_runs_left_out', []))}")
+    if s.get("selection_error"):
+        lines.append(f"  selection: {s['selection_error'][-200:]}")
     lines.append(f"  archive {ARCHIVE}: {s.get('archive_mib')} MiB "
                  f"(train arrays every {s.get('train_thinned_every')} step)")
     return "\n".join(lines)

@@ -100,9 +100,9 @@ def test_dry_run_end_to_end_then_unpack(tiny_pack, tmp_path, blocked_env):
     of the smoke study with 2 workers, archive; `datasets` and papermill blocked throughout."""
     out, work = tmp_path / "out", tmp_path / "work"
     res = subprocess.run([sys.executable, "-m", "pipeline.gpu", "--pack", str(tiny_pack),
-                          "--out", str(out), "--budget-s", "150", "--smoke", "--workers", "2",
+                          "--out", str(out), "--budget-s", "900", "--smoke", "--workers", "2",
                           "--work", str(work)], env=blocked_env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=400)
+                         text=True, timeout=1200)  # ends when the study does
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "GPU kit summary" in res.stdout
     archive = out / gpu.ARCHIVE
@@ -133,6 +133,17 @@ def test_dry_run_end_to_end_then_unpack(tiny_pack, tmp_path, blocked_env):
 
     runs = analysis.load_logs(root / "logs/study_gpu")
     assert len(runs) == n and set(runs["status"]) == {"complete"}
+
+
+def test_stop_ends_a_worker_group_that_ignores_sigterm():
+    import time
+
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    time.sleep(1.0)  # let it install the handler
+    t = time.time()
+    gpu._stop([p], grace_s=1.0)
+    assert p.returncode is not None and time.time() - t < 10
 
 
 def test_unpack_refuses_unsafe_members(tmp_path):
