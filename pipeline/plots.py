@@ -154,7 +154,8 @@ def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str 
             if b is not None and len(b):
                 ax.plot([b["ci_low"].iloc[0], b["ci_high"].iloc[0]], [y - 0.25] * 2, color=color,
                         lw=1, alpha=0.7)
-            note = r.verdict if "n =" in r.verdict else f"{r.verdict} (n = {r.n})"
+            note = (r.note if r.n == 0 else r.verdict if "n =" in r.verdict
+                    else f"{r.verdict} (n = {r.n})")
             ax.annotate(note, (1.02, y), xycoords=("axes fraction", "data"), va="center",
                         fontsize=8)
         ax.axvline(0, color="0.3", lw=1, ls="--")
