@@ -207,10 +207,10 @@ def _load_hub(spec: TaskSpec, split_key: str) -> list[dict]:
     try:
         ds = datasets.load_dataset("nyu-mll/glue", spec.hf_name, split=spec.splits[split_key])
     except Exception as e:  # offline, unknown config, ...: one line, name the fix
-        raise RuntimeError(f"could not load nyu-mll/glue/{spec.hf_name} split "
-                           f"{spec.splits[split_key]} from the hub ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); set GLUE_DIR to a "
-                           "local GLUE folder instead") from e
+        raise ConnectionError(f"could not load nyu-mll/glue/{spec.hf_name} split "
+                              f"{spec.splits[split_key]} from the hub ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); set GLUE_DIR to "
+                              "a local GLUE folder instead") from e
     c1, c2 = spec.hf_columns
     out = []
     for i, row in enumerate(ds):
