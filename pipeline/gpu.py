@@ -8,7 +8,7 @@
 
 The pack (<= 55 MiB, every file's sha256 in MANIFEST.json): the embedded MiniLM with its weights
 stored as float16 (half the bytes), its tokenizer and config, and the GLUE train/dev files of
-the study's tasks. At the run the weights are upcast to a float32 copy before anything loads
+the study's tasks (SST-2 train: only the first 10k rows, the study's fixed subsample). At the run the weights are upcast to a float32 copy before anything loads
 them: training keeps fp32 master weights and computes in bf16 autocast.
 
 The run: (a) the memory / step-time benchmark (benchmarks.gpu, <= 90 s), (b) the study of
@@ -70,13 +70,20 @@ def _fill_pack(tmp: Path, src: Path, glue: Path, tasks) -> None:
         if (src / name).is_file():
             shutil.copy2(src / name, tmp / MODEL_DIR / name)
     for task in tasks:
-        folder = get_task(task).folder
-        (tmp / GLUE_DIR / folder).mkdir(parents=True)
+        spec = get_task(task)
+        (tmp / GLUE_DIR / spec.folder).mkdir(parents=True)
         for split in ("train.tsv", "dev.tsv"):
-            if not (glue / folder / split).is_file():
-                raise FileNotFoundError(f"{glue / folder / split} not found: the pack needs "
-                                        f"train.tsv and dev.tsv of {list(tasks)}")
-            shutil.copy2(glue / folder / split, tmp / GLUE_DIR / folder / split)
+            src_file, dst_file = glue / spec.folder / split, tmp / GLUE_DIR / spec.folder / split
+            if not src_file.is_file():
+                raise FileNotFoundError(f"{src_file} not found: the pack needs train.tsv and "
+                                        f"dev.tsv of {list(tasks)}")
+            keep = S.STUDY.subsample_train.get(task) if split == "train.tsv" else None
+            if keep is None:
+                shutil.copy2(src_file, dst_file)
+            else:  # the study reads only the first rows (SST-2: a fixed 10k): pack just those
+                with open(src_file, "rb") as f:
+                    lines = f.read().split(b"\n")
+                dst_file.write_bytes(b"\n".join(lines[:keep + spec.tsv_header]) + b"\n")
 
 
 def pack(dest=".gpu", glue_dir=None, tasks=S.TASKS, model_dir=None) -> dict:

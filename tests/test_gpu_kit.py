@@ -65,6 +65,21 @@ def test_pack_refuses_a_missing_task_file(tmp_path, tiny_bert_dir, glue_dir):
     assert not (tmp_path / "p").exists() and not (tmp_path / "p.tmp").exists()
 
 
+def test_real_pack_holds_what_the_study_reads(tmp_path, tiny_bert_dir, real_glue_dir):
+    """SST-2 train is packed as the study's 10k subsample only: the same rows as the full file."""
+    from pipeline.data import load_examples
+
+    dest = tmp_path / ".gpu"
+    gpu.pack(dest, real_glue_dir, model_dir=tiny_bert_dir(dropout=0.0))
+    for task in gpu.S.STUDY.tasks:
+        n = gpu.S.STUDY.subsample_train.get(task)
+        for split in ("train", "dev"):
+            keep = n if split == "train" else None
+            assert load_examples(task, split, dest / "glue", keep) == \
+                load_examples(task, split, real_glue_dir, keep), (task, split)
+    assert len(load_examples("sst2", "train", dest / "glue")) == 10_000
+
+
 def test_fp32_copy_is_the_packed_weights_upcast(tiny_pack, tmp_path, tiny_bert_dir):
     out = gpu.fp32_model(tiny_pack, tmp_path / "fp32")
     w32 = load_file(out / "model.safetensors")
