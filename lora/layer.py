@@ -103,25 +103,25 @@ class LoRALinear(nn.Module):
     """Wraps a frozen nn.Linear (``base``, holding W_res) with a low-rank update s * B @ A.
 
     ``lora_A`` is a buffer when frozen (LoRA-FA) - saved in state_dict, never handed to an
-    optimizer - and an nn.Parameter in plain LoRA. ``lora_B0`` is B at init, kept for
-    ``remove_lora``, the PEFT export and the drift penalty; plain LoRA with an init that
-    changes W also keeps A at init (``lora_A0``), since W = W_res + s B0 A0 once A has moved.
-    The adapter's settings are in ``settings`` (rank, alpha, init, freeze_a also as attributes).
+    optimizer - and an nn.Parameter in plain LoRA. ``lora_B0`` is the B at which the model is
+    the original one, W = W_res + s B0 A0 (B at init for inits that change W, else 0), kept
+    for ``remove_lora``, the PEFT export and the drift penalty; plain LoRA with an init that
+    changes W also keeps A at init (``lora_A0``), since A moves. The adapter's settings are in
+    ``settings`` (rank, alpha, init, freeze_a also as attributes).
     """
 
     def __init__(self, base: nn.Linear, a, b, settings: LoRASettings, fingerprint: str):
         super().__init__()
         self.base = base
         self.settings = settings
+        changes_w = inits.INITS[settings.init].changes_w
         if settings.freeze_a:
             self.register_buffer("lora_A", a)
         else:
             self.lora_A = nn.Parameter(a)
-            if inits.INITS[settings.init].changes_w:
+            if changes_w:
                 self.register_buffer("lora_A0", a.detach().clone())
         self.lora_B = nn.Parameter(b)
-        # B0: the B at which the model is the original one (W = W_res + s B0 A0)
-        changes_w = inits.INITS[settings.init].changes_w
         self.register_buffer("lora_B0", b.detach().clone() if changes_w else torch.zeros_like(b))
         self.scale = settings.scale
         self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
@@ -201,7 +201,7 @@ def _set_module(model, name, new):
 class PlannedAdapter(NamedTuple):
     name: str
     a: torch.Tensor  # A at init
-    b: torch.Tensor  # B at init (B0)
+    b: torch.Tensor  # B at init (B0, or the gradient_step start)
     w_res: torch.Tensor | None  # the weight the base layer keeps; None: W as it is
     fingerprint: str  # of the original W
 
