@@ -60,8 +60,11 @@ class LoRASettings:
 
         def is_real(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        if self.init not in inits.INITS:
-            raise ValueError(f"unknown init {self.init!r}: use one of {sorted(inits.INITS)}")
+
+        for key, options in [("init", sorted(inits.INITS)), ("svd_solver", inits.SVD_SOLVERS),
+                             ("svd_split", inits.SVD_SPLITS)]:
+            if getattr(self, key) not in options:
+                raise ValueError(f"unknown {key} {getattr(self, key)!r}: use one of {options}")
         if not is_int(self.rank) or self.rank <= 0:
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
         if not is_real(self.alpha) or self.alpha <= 0:
@@ -74,15 +77,9 @@ class LoRASettings:
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if not is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if self.svd_solver not in inits.SVD_SOLVERS:
-            raise ValueError(f"unknown svd_solver {self.svd_solver!r}: use one of "
-                             f"{inits.SVD_SOLVERS}")
         if not is_int(self.niter) or self.niter < 0:
             raise ValueError(f"niter (randomized SVD power iterations) must be an int >= 0, "
                              f"got {self.niter!r}")
-        if self.svd_split not in inits.SVD_SPLITS:
-            raise ValueError(f"unknown svd_split {self.svd_split!r}: use one of "
-                             f"{inits.SVD_SPLITS}")
         if not is_real(self.gradient_step) or self.gradient_step < 0:
             raise ValueError(f"gradient_step must be a finite number >= 0, got "
                              f"{self.gradient_step!r} (0: B starts at 0)")
