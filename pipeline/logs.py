@@ -20,7 +20,8 @@ Log schema (``schema_version`` 2)::
       "model": {"num_params", "trainable_params", "adapted_modules": [...]},
       "adapter_stats": {"ax_rms", "per_layer": {module: rms}, "batches"} | null,
                                             # RMS of A·x at init (adapters only)
-      "gradient_init": {"batches": N} | null,   # init="gradient": batches that estimated G
+      "gradient_init": {"batches", "examples", "ids_sha"} | null,  # init="gradient": the
+                                            # first training batches that estimated dL/dW
       "main_metric": "accuracy",            # the selection metric
       "train": {"step": [...], "loss": [...], "lr": [...], "penalty": [...] (reg_coeff > 0)},
                                             # per optimizer step: mean data loss of the batch

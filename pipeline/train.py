@@ -214,9 +214,9 @@ def run_experiment(config: RunConfig, on_end=None) -> dict:
 
     # -- adapters. The first batches of epoch 0 estimate the gradient (init="gradient") and
     # measure ||A x|| at init; both run in eval mode and draw nothing from the RNG
-    first = [] if cfg.variant == "full" else [
-        collator([train_feats[i] for i in b]).to(accelerator.device)
-        for b in epoch_batches(cfg, train_feats, 0)[:cfg.gradient_batches]]
+    first_ids = [] if cfg.variant == "full" else epoch_batches(cfg, train_feats, 0)[
+        :cfg.gradient_batches]
+    first = [collator([train_feats[i] for i in b]).to(accelerator.device) for b in first_ids]
     adapted = add_adapters(cfg, model.to(accelerator.device), first)
     adapter_stats = adapter_input_rms(model, first) if adapted else None
 
@@ -231,7 +231,10 @@ def run_experiment(config: RunConfig, on_end=None) -> dict:
     env = L.environment(accelerator.device, nproc, cfg.mixed_precision, model_path)
     history = L.new_history(cfg, env, data_info, raw_model, adapted, spec.metrics[0])
     history["adapter_stats"] = adapter_stats
-    history["gradient_init"] = {"batches": len(first)} if cfg.init == "gradient" else None
+    if cfg.init == "gradient":  # which training rows estimated dL/dW
+        ids = sorted(i for b in first_ids for i in b)
+        history["gradient_init"] = {"batches": len(first), "examples": len(ids),
+                                    "ids_sha": split_sha(ids)}
     start_epoch, step, best = 0, 0, None
     ckpt = C.latest_checkpoint(cfg) if cfg.checkpoint else None
     if ckpt is not None:

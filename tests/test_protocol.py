@@ -14,6 +14,7 @@ import torch
 from pipeline import logs as L
 from pipeline import train as T
 from pipeline.config import RunConfig
+from pipeline.data import load_examples, make_collator, split_sha
 from pipeline.metrics import adapter_input_rms, metrics_from_outputs
 from pipeline.train import run_experiment
 from test_train import RUNNER, ROOT, assert_close_history, run_until_killed
@@ -83,7 +84,6 @@ def test_predictions_recompute_the_logged_test_metric(glue_dir, tmp_path, tiny_b
         z = np.load(Path(cfg.logs_dir) / task / h["predictions"])
         assert z["index"].tolist() == list(range(16))
         assert z["pred"].shape == ((16, 2) if task == "mrpc" else (16,))
-        from pipeline.data import load_examples
         dev = load_examples(task, "dev", glue_dir, 16)
         assert z["label"].tolist() == [e["label"] for e in dev]
         at_best = {k: v for k, v in h["test"]["at_best"].items() if k not in ("step", "loss")}
@@ -178,7 +178,6 @@ def test_length_grouped_run(glue_dir, tmp_path, tiny_bert_dir, monkeypatch):
 def first_batches(cfg, n=2):
     model, tok, _ = T.load_model(cfg, 2)
     train, *_ = T.load_splits(cfg, tok)
-    from pipeline.data import make_collator
     coll = make_collator(tok)
     return model, [coll([train[i] for i in b]) for b in T.epoch_batches(cfg, train, 0)[:n]]
 
@@ -197,7 +196,10 @@ def test_gradient_init_leaves_the_model_unchanged_at_step_0(glue_dir, tmp_path, 
         a = model.get_submodule(name).lora_A
         assert torch.allclose(a @ a.T, torch.eye(4), atol=1e-5)
     h = run_experiment(cfg)
-    assert h["status"] == "complete" and h["gradient_init"] == {"batches": 2}
+    g = h["gradient_init"]
+    assert h["status"] == "complete" and (g["batches"], g["examples"]) == (2, 16)
+    ids = sorted(i for b in T.epoch_batches(cfg, list(range(32)), 0)[:2] for i in b)
+    assert g["ids_sha"] == split_sha(ids)
     assert "-gb2-" in h["run_id"]
 
 
