@@ -13,9 +13,11 @@ them: training keeps fp32 master weights and computes in bf16 autocast.
 
 The run: (a) the memory / step-time benchmark (benchmarks.gpu, <= 90 s), (b) the study of
 pipeline.study (lr selection, then the main grid at 10 seeds, task by task in priority order)
-as N worker processes sharing the GPU (--shard K/N each); no run is launched after 80% of the
-budget and every worker is stopped 10 s before its end, keeping each finished log; (c) one
-archive of logs, selection table and benchmark JSON in --out, and a one-screen summary.
+as worker processes sharing the GPU and its runs (the sweep's run claims; more workers join
+while the GPU has idle time, and the summary gives runs per minute at each N); no run is
+launched after 80% of the budget and every worker is stopped 10 s before its end, keeping each
+finished log; (c) one archive of logs, selection table and benchmark JSON in --out, and a
+one-screen summary (also --out/summary.txt).
 """
 from __future__ import annotations
 
@@ -209,8 +211,8 @@ def _benchmark(work: Path, env, budget_s: float, cpu_smoke: bool) -> dict:
     return json.loads(out.read_text())
 
 
-def run(pack_dir=".gpu", out=None, budget_s=520.0, workers=8, smoke=False, tasks=None,
-        work=None, bench=True) -> dict:
+def run(pack_dir=".gpu", out=None, budget_s=520.0, workers=6, smoke=False, tasks=None,
+        work=None, bench=True, max_workers=12) -> dict:
     """The whole device run; returns the summary (also in the archive)."""
     import torch
 
@@ -228,7 +230,8 @@ def run(pack_dir=".gpu", out=None, budget_s=520.0, workers=8, smoke=False, tasks
     work = Path(work) if work else Path(tempfile.mkdtemp(prefix="svd-lorafa-gpu-"))
     pack_dir = Path(pack_dir).resolve()
     model = fp32_model(pack_dir, work / "minilm-fp32")
-    threads = max(1, (os.cpu_count() or 2) // workers)
+    max_workers = max(workers, max_workers)
+    threads = max(1, (os.cpu_count() or 2) // max_workers)
     env = {**os.environ, "SVD_LORAFA_MINILM": str(model), "GLUE_DIR": str(pack_dir / GLUE_DIR),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -248,7 +251,8 @@ def run(pack_dir=".gpu", out=None, budget_s=520.0, workers=8, smoke=False, tasks
                                 "errors": b.get("errors") or b.get("error"),
                                 "wall_s": b.get("wall_s")}
             print(f"benchmark done at {time.time() - t0:.0f}s", flush=True)
-        summary.update(_study(work, env, workers, smoke, tasks, launch_stop, hard_stop, gpu, t0))
+        summary.update(_study(work, env, workers, max_workers, smoke, tasks, launch_stop,
+                              hard_stop, gpu, t0))
     except BaseException as e:
         summary["error"] = f"{type(e).__name__}: {e}"
         raise
@@ -256,38 +260,57 @@ def run(pack_dir=".gpu", out=None, budget_s=520.0, workers=8, smoke=False, tasks
         summary["wall_s"] = round(time.time() - t0)
         archive = write_archive(work, out / ARCHIVE, summary)
         summary["archive_mib"] = round(archive.stat().st_size / 2**20, 2)
-        print(summary_text(summary), flush=True)
+        text = summary_text(summary)
+        (out / "summary.txt").write_text(text + "\n")
+        print(text, flush=True)
     return summary
 
 
-def _study(work, env, workers, smoke, tasks, launch_stop, hard_stop, gpu, t0) -> dict:
-    """N workers, each its own share, in one process group each; they run in the scratch
-    folder with relative paths, so no machine path lands in a log. No launch after
-    ``launch_stop``, every worker stopped at ``hard_stop``."""
+RAMP_UTIL, RAMP_EVERY_S = 80.0, 30.0  # add 2 workers while the GPU is busy less than this
+
+
+def _study(work, env, workers, max_workers, smoke, tasks, launch_stop, hard_stop, gpu,
+           t0) -> dict:
+    """The study's worker processes, each in its own process group, sharing the runs through
+    the sweep's claims (each takes the next run no live worker holds). ``workers`` start; while
+    the GPU is busy less than RAMP_UTIL % two more join (up to ``max_workers``), so the run
+    measures runs per minute at each N. They run in the scratch folder with relative paths, so
+    no machine path lands in a log. No launch after ``launch_stop``; all stopped at
+    ``hard_stop``."""
     logs_root = work / "logs"
     argv = ["--logs-dir", "logs/study", "--lr-logs-dir", "logs/study_lr", "--figures-dir",
             "figures", "--gpu"] + (["--smoke"] if smoke else []) \
         + (["--tasks", *tasks] if tasks else [])
     study = [sys.executable, "-m", "pipeline.study"]
     procs, logs, utils, progress = [], [], [], []
-    t_study = time.time()
+
+    def spawn():
+        logs.append(open(work / f"worker-{len(procs)}.log", "w"))
+        procs.append(subprocess.Popen(
+            [*study, "all", *argv, "--deadline-s", f"{max(0.0, launch_stop - time.time()):.0f}"],
+            env=env, stdout=logs[-1], stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=work))
+
+    t_study = last_ramp = time.time()
     try:
-        for k in range(workers):
-            logs.append(open(work / f"worker-{k}.log", "w"))
-            procs.append(subprocess.Popen(
-                [*study, "all", *argv, "--shard", f"{k}/{workers}",
-                 "--deadline-s", f"{max(0.0, launch_stop - time.time()):.0f}"],
-                env=env, stdout=logs[-1], stderr=subprocess.STDOUT, start_new_session=True,
-                cwd=work))
+        for _ in range(workers):
+            spawn()
         while any(p.poll() is None for p in procs) and time.time() < hard_stop:
             time.sleep(min(10.0, max(0.1, hard_stop - time.time())))
             util = _gpu_util() if gpu else None
             if util is not None:
                 utils.append(util)
             n_done = _complete(_count(logs_root))
-            progress.append((round(time.time() - t_study), n_done))
-            print(f"  t={time.time() - t0:4.0f}s complete runs {n_done}"
+            progress.append((round(time.time() - t_study), len(procs), n_done, util))
+            print(f"  t={time.time() - t0:4.0f}s {len(procs)} workers, complete runs {n_done}"
                   + (f", GPU util {util:.0f}%" if util is not None else ""), flush=True)
+            recent = [u for _, _, _, u in progress[-3:] if u is not None]
+            if (len(recent) == 3 and sum(recent) / 3 < RAMP_UTIL and len(procs) < max_workers
+                    and time.time() - last_ramp >= RAMP_EVERY_S
+                    and time.time() < launch_stop - 90):
+                for _ in range(min(2, max_workers - len(procs))):
+                    spawn()
+                last_ramp = time.time()
         killed = sum(p.poll() is None for p in procs)
     finally:
         _stop(procs)
@@ -308,10 +331,23 @@ def _study(work, env, workers, smoke, tasks, launch_stop, hard_stop, gpu, t0) ->
     n_complete = _complete(counts)
     out.update(study_s=round(study_s), counts=counts, complete_runs=n_complete,
                runs_per_min=round(n_complete / (study_s / 60), 2) if study_s else None,
+               runs_per_min_by_workers=_rate_by_workers(progress),
                gpu_util_mean=round(sum(utils) / len(utils), 1) if utils else None,
-               progress=progress, workers_stopped_at_deadline=killed,
+               progress=progress, workers_started=len(procs),
+               workers_stopped_at_deadline=killed,
                worker_exit_codes=[p.returncode for p in procs])
     return out
+
+
+def _rate_by_workers(progress) -> dict:
+    """{N workers: complete runs per minute while N ran} from (t, N, complete, util) samples;
+    the first minute (imports, first runs) is left out."""
+    spans = {}
+    for (t1, n1, c1, _), (t2, n2, c2, _) in zip(progress, progress[1:]):
+        if n1 == n2 and t1 >= 60:
+            d = spans.setdefault(n1, [0, 0])
+            d[0], d[1] = d[0] + c2 - c1, d[1] + t2 - t1
+    return {n: round(c / (t / 60), 2) for n, (c, t) in spans.items() if t > 0}
 
 
 def _complete(counts: dict) -> int:
@@ -370,8 +406,8 @@ def write_archive(work: Path, path: Path, summary: dict) -> Path:
 def summary_text(s: dict) -> str:
     """One screen: the benchmark goals, runs per task and phase, throughput, the archive."""
     lines = [f"== GPU kit summary: {s['device']}{' (smoke)' if s['smoke'] else ''}, "
-             f"{s.get('wall_s')}s of {s['budget_s']:.0f}s, {s['workers']} workers x "
-             f"{s['threads_per_worker']} threads"]
+             f"{s.get('wall_s')}s of {s['budget_s']:.0f}s, {s['workers']} workers at the start "
+             f"(up to {s.get('workers_started')}) x {s['threads_per_worker']} threads"]
     if s.get("error"):
         lines.append(f"  ERROR: {s['error'][:300]}")
     b = s.get("bench") or {}
@@ -386,7 +422,8 @@ def summary_text(s: dict) -> str:
             f"{t} " + " ".join(f"{k}={v}" for k, v in sorted(c.items())) for t, c in tasks.items()))
     if "complete_runs" in s:
         lines.append(f"  complete runs {s['complete_runs']} in {s['study_s']}s = "
-                     f"{s['runs_per_min']} runs/min; GPU util mean {s['gpu_util_mean']}%; "
+                     f"{s['runs_per_min']} runs/min (by workers: {s['runs_per_min_by_workers']});"
+                     f" GPU util mean {s['gpu_util_mean']}%; "
                      f"workers stopped at the deadline {s['workers_stopped_at_deadline']}; "
                      f"killed runs left out {len(s.get('killed_runs_left_out', []))}")
     if s.get("selection_error"):
@@ -446,7 +483,9 @@ def main(argv=None) -> int:
                                                                 "(default $OUT)")
     p.add_argument("--budget-s", type=float, default=520.0,
                    help="whole run; no launch after 80%%, workers stopped 10 s before the end")
-    p.add_argument("--workers", type=int, default=8, help="concurrent study processes")
+    p.add_argument("--workers", type=int, default=6, help="study processes at the start")
+    p.add_argument("--max-workers", type=int, default=12,
+                   help="more join, two at a time, while the GPU is busy < 80%% of the time")
     p.add_argument("--tasks", nargs="+", default=None)
     p.add_argument("--smoke", action="store_true", help="the tiny study (CPU dry run)")
     p.add_argument("--work", default=None, help="scratch folder (default: a new temp folder)")
@@ -454,7 +493,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.workers < 1 or a.budget_s <= 0:
         p.error("--workers must be >= 1 and --budget-s > 0")
-    run(a.pack, a.out, a.budget_s, a.workers, a.smoke, a.tasks, a.work, not a.no_bench)
+    run(a.pack, a.out, a.budget_s, a.workers, a.smoke, a.tasks, a.work, not a.no_bench,
+        a.max_workers)
     return 0
 
 

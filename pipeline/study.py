@@ -275,12 +275,14 @@ class _Worker:
         self.k, self.n = shard or (0, 1)
         self.profile, self.figures_dir, self.overrides = profile, figures_dir, overrides
         self.finished = set()  # run ids known complete or failed (that never changes back)
+        self.busy = set()  # run ids another live worker has claimed (skipped for now)
         self.chosen = {}  # task -> {method: choice}
 
     def _todo(self, cfgs, share=True):
-        """The first config not finished yet: of this worker's share, or of all of them."""
+        """The first config not finished yet: of this worker's share (not claimed by another
+        worker), or of all of them."""
         for c in (cfgs[self.k::self.n] if share else cfgs):
-            if c.run_id in self.finished:
+            if c.run_id in self.finished or (share and c.run_id in self.busy):
                 continue
             h = _stored(c)
             if h is not None and h.get("status") in ("complete", "failed"):
@@ -329,9 +331,10 @@ def work(spec: Study = STUDY, tasks=None, phases=("lr", "main"), dirs=None, shar
          poll_s: float = 5.0, **overrides) -> list[dict]:
     """Run this worker's share of the study in priority order, one run at a time, until nothing
     is left or the ``deadline`` (a time.time() value) passes: no run is launched after it.
-    Resumable: complete and failed runs are skipped, killed ones resume. ``shard=(k, n)``:
-    n workers, each with its own k, share the study without overlap. Returns run_configs'
-    summaries of the runs this worker looked at."""
+    Resumable: complete and failed runs are skipped, killed ones resume. Workers share the
+    study either by ``shard=(k, n)`` (n workers, each its own k) or, without shards, by the
+    sweep's run claims: each takes the next run no live worker holds, so workers can join at
+    any time. Returns run_configs' summaries of the runs this worker looked at."""
     from .sweep import run_configs
 
     tasks = tuple(tasks or spec.tasks)
@@ -343,19 +346,21 @@ def work(spec: Study = STUDY, tasks=None, phases=("lr", "main"), dirs=None, shar
             print("study: deadline reached, no new runs launched", flush=True)
             return done
         cfg, waiting = worker.next()
-        if cfg is None and not waiting:
+        if cfg is None and not waiting and not worker.busy:
             if phases == ("lr", "main"):  # the final selection table, every task
                 select_lrs(dirs["lr"], spec, tasks, figures_dir, profile, **overrides)
             return done
-        if cfg is None:  # other workers still run lr sweeps this worker's main grid needs
+        if cfg is None:  # other workers still run what is left (or what it needs): look again
+            worker.busy.clear()
             time.sleep(poll_s)
             continue
         res = run_configs([cfg])
         done += res
-        if res and res[0]["status"] in ("complete", "failed"):
+        status = res[0]["status"] if res else None
+        if status in ("complete", "failed"):
             worker.finished.add(cfg.run_id)  # also a crash that left no log: not retried here
-        if res and res[0]["status"] == "locked":  # another live worker holds it: do not spin
-            time.sleep(poll_s)
+        elif status == "locked":  # another live worker runs it: take the next one
+            worker.busy.add(cfg.run_id)
 
 
 def _shard(s: str) -> tuple[int, int]:

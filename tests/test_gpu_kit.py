@@ -120,6 +120,7 @@ def test_dry_run_end_to_end_then_unpack(tiny_pack, tmp_path, blocked_env):
                          text=True, timeout=1200)  # ends when the study does
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "GPU kit summary" in res.stdout
+    assert (out / "summary.txt").read_text().startswith("== GPU kit summary")
     archive = out / gpu.ARCHIVE
     assert archive.stat().st_size <= gpu.ARCHIVE_LIMIT
     with tarfile.open(archive) as tar:
@@ -159,6 +160,13 @@ def test_stop_ends_a_worker_group_that_ignores_sigterm():
     t = time.time()
     gpu._stop([p], grace_s=1.0)
     assert p.returncode is not None and time.time() - t < 10
+
+
+def test_runs_per_minute_by_worker_count():
+    progress = [(50, 6, 0, 90), (60, 6, 2, 90), (120, 6, 8, 70), (180, 8, 14, 95),
+                (240, 8, 24, 96)]  # (t, workers, complete, util)
+    # 6 workers: 60..120 s, 6 runs; 8: 180..240 s, 10 runs (120..180 spans the change: out)
+    assert gpu._rate_by_workers(progress) == {6: 6.0, 8: 10.0}
 
 
 def test_unpack_refuses_unsafe_members(tmp_path):

@@ -107,18 +107,27 @@ def test_read_selection_missing_names_the_fix(tmp_path):
         S.read_selection(str(tmp_path))
 
 
+class Order(list):
+    pass
+
+
 @pytest.fixture
 def fake_runs(monkeypatch):
     """run_configs replaced by one that writes a complete log and records the order."""
     import pipeline.sweep
 
-    order = []
+    order = Order()
+    order.held_by_another = set()
 
     def run_configs(configs, *a, **k):
-        for c in configs:
-            order.append(c.run_id)
+        c, = configs
+        if c.run_id in order.held_by_another:  # another worker holds it (and finishes it)
+            order.held_by_another.discard(c.run_id)
             fake_log(c)
-        return [{"run_id": c.run_id, "status": "complete", "skipped": False} for c in configs]
+            return [{"run_id": c.run_id, "status": "locked", "skipped": True}]
+        order.append(c.run_id)
+        fake_log(c)
+        return [{"run_id": c.run_id, "status": "complete", "skipped": False}]
 
     monkeypatch.setattr(pipeline.sweep, "run_configs", run_configs)
     return order
@@ -154,6 +163,15 @@ def test_work_shards_split_without_overlap_and_deadline_stops(tmp_path, fake_run
     assert fake_runs[:len(lr_ids[1::2])] == lr_ids[1::2]
     assert not set(first) & set(fake_runs)
     assert len(fake_runs) == len(lr_ids[1::2]) + 2  # main runs 1 and 3 of 5
+
+
+def test_work_without_shards_skips_runs_another_worker_claimed(tmp_path, fake_runs):
+    dirs = {"lr": str(tmp_path / "lr"), "main": str(tmp_path / "main")}
+    lr_ids = [c.run_id for c in S.lr_selection_configs(SPEC, "mrpc")]
+    fake_runs.held_by_another.update({lr_ids[0], lr_ids[5]})
+    S.work(SPEC, dirs=dirs, figures_dir=None, poll_s=0.01)
+    assert fake_runs[:len(lr_ids) - 2] == [r for r in lr_ids if r not in (lr_ids[0], lr_ids[5])]
+    assert len(fake_runs) == len(lr_ids) - 2 + 5  # and the whole main grid
 
 
 def test_cli_rejects_a_task_outside_the_study(capsys):
