@@ -169,23 +169,21 @@ def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
     unless ``figures_dir`` is None. Returns {"rows", "choices", "pending"}."""
     rows, choices, pending = [], {}, {}
     for task in tasks or spec.tasks:
-        cfgs = lr_selection_configs(spec, task, logs_dir, profile, **overrides)
-        logs = [_stored(c) for c in cfgs]
-        n_done = sum(h is not None and h.get("status") in ("complete", "failed") for h in logs)
-        if n_done < len(cfgs):
-            pending[task] = f"{n_done}/{len(cfgs)} lr runs finished"
+        logs = {(m, lr): [_stored(run_config(spec, task, m, lr, seed, logs_dir, profile,
+                                             **overrides)) for seed in spec.selection_seeds]
+                for m in spec.methods for lr in spec.lr_grids[m]}
+        n_runs = sum(map(len, logs.values()))
+        n_done = sum(h is not None and h.get("status") in ("complete", "failed")
+                     for hs in logs.values() for h in hs)
+        if n_done < n_runs:
+            pending[task] = f"{n_done}/{n_runs} lr runs finished"
             continue
-        from .methods import method_of
-
-        by_key = {}
-        for c, h in zip(cfgs, logs):
-            by_key.setdefault((method_of(h["config"]), c.lr), []).append(h)
         choices[task] = {}
         for m in spec.methods:
             grid = spec.lr_grids[m]
             cands = []
             for lr in grid:
-                hs = by_key[m, lr]
+                hs = logs[m, lr]
                 ok = [h for h in hs if h["status"] == "complete" and h.get("selection")]
                 vals = [h["selection"]["value"] for h in ok]
                 mean = statistics.fmean(vals) if len(ok) == len(hs) else None
