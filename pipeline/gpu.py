@@ -327,6 +327,9 @@ def _study(work, env, workers, max_workers, smoke, tasks, launch_stop, hard_stop
         rc = "timeout"
     if rc:
         out["selection_error"] = f"exit {rc}: " + (work / "select.log").read_text()[-300:]
+    else:
+        choices = json.loads((work / "figures" / "lr_selection.json").read_text())["choices"]
+        out["selected_lrs"] = {t: {m: c["lr"] for m, c in ch.items()} for t, ch in choices.items()}
     counts = _count(logs_root)
     n_complete = _complete(counts)
     out.update(study_s=round(study_s), counts=counts, complete_runs=n_complete,
@@ -426,6 +429,9 @@ def summary_text(s: dict) -> str:
                      f" GPU util mean {s['gpu_util_mean']}%; "
                      f"workers stopped at the deadline {s['workers_stopped_at_deadline']}; "
                      f"killed runs left out {len(s.get('killed_runs_left_out', []))}")
+    for task, lrs in (s.get("selected_lrs") or {}).items():
+        lines.append(f"  {task} lrs: " + ", ".join(f"{m} {lr:g}" if lr else f"{m} -"
+                                                   for m, lr in lrs.items()))
     if s.get("selection_error"):
         lines.append(f"  selection: {s['selection_error'][-200:]}")
     lines.append(f"  archive {ARCHIVE}: {s.get('archive_mib')} MiB "
