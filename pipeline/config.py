@@ -14,23 +14,26 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from lora.inits import INITS, SVD_SPLITS
-from lora.layer import PRESETS
+import numpy as np
+
+from lora.inits import INITS
+from lora.layer import PRESETS, LoRASettings
 
 from .data import _split_key, get_task
 
 VARIANTS = ("full", "lora", "lorafa")
-SVD_SOLVERS = ("exact", "randomized")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # fields that do not change the result: may differ between a log and a rerun
 NON_SEMANTIC = {"logs_dir", "glue_dir", "quiet", "checkpoint", "eval_batch_size", "cpu",
                 "save_predictions"}
 # settings of the adapter: they do not change a 'full' run
 ADAPTER_FIELDS = {"init", "rank", "alpha", "targets", "lora_dropout", "rslora", "svd_split",
-                  "svd_solver", "niter", "gradient_batches"}
+                  "svd_solver", "niter", "gradient_batches", "gradient_step",
+                  "gradient_center"}
 
 
 def setting(default, help: str, **meta):
@@ -56,8 +59,14 @@ class RunConfig:
                                      "puts S in B (A orthonormal)")
     svd_solver: str = setting("exact", "svd inits: 'exact' or 'randomized' SVD")
     niter: int = setting(4, "power iterations of the randomized SVD")
+    gradient_center: bool = setting(False, "init 'gradient': centre each layer's inputs before "
+                                           "taking dL/dW (drops the mean-input direction)",
+                                    legacy=False)
     gradient_batches: int = setting(8, "init 'gradient': training batches (the run's own "
                                        "epoch-0 order) that estimate dL/dW")
+    gradient_step: float = setting(0.0, "init 'gradient': start one step of size eta = "
+                                        "gradient_step along -G_r (s B A = -eta G_r, LoRA-One); "
+                                        "0: B = 0, the model unchanged at step 0")
     reg_coeff: float = setting(0.0, "coeff * sum ||B - B0||^2 added to the loss")
     # how to train
     lr: float = setting(5e-4, "peak learning rate (AdamW, linear warmup and decay)")
@@ -103,24 +112,32 @@ class RunConfig:
     quiet: bool = setting(False, "no progress bars or per-epoch lines")
 
     def __post_init__(self):
-        for f in fields(self):  # numpy scalars (from notebooks) become plain, JSON-able numbers
+        for f in fields(self):  # numpy scalars and Paths become plain, JSON-able values
             v = getattr(self, f.name)
             if isinstance(v, numbers.Integral) and not isinstance(v, (bool, int)):
                 setattr(self, f.name, int(v))
             elif isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)):
                 setattr(self, f.name, float(v))
+            elif isinstance(v, np.bool_):
+                setattr(self, f.name, bool(v))
+            elif isinstance(v, os.PathLike):
+                setattr(self, f.name, os.fspath(v))
+            v = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(v, bool):
+                raise ValueError(f"{f.name} must be True or False, got {v!r}")
+            if f.type.startswith(("int", "float")) and not (
+                    (v is None and "None" in f.type) or _number(v, integral=f.type[0] == "i")):
+                raise ValueError(f"{f.name} must be {'an int' if f.type[0] == 'i' else 'a number'}"
+                                 f"{' or None' if 'None' in f.type else ''}, got {v!r}")
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be 'minilm', 'mpnet', a hub id or a folder, got "
+                             f"{self.model!r}")
         spec = get_task(self.task)  # raises on an unknown task
         self.task = spec.name
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}: use one of {VARIANTS}")
-        if self.variant == "full":
-            self.init = "none"  # no adapter: keep run ids and sweeps free of fake inits
-        elif self.init not in INITS:
-            raise ValueError(f"unknown init {self.init!r}: use one of {tuple(INITS)}")
-        _positive_int("rank", self.rank)
-        if self.alpha is None:
+        if self.alpha is None and isinstance(self.rank, int):
             self.alpha = 2 * self.rank
-        _positive("alpha", self.alpha)
         if isinstance(self.targets, str) and self.targets not in PRESETS:
             raise ValueError(f"unknown targets preset {self.targets!r}: use one of "
                              f"{tuple(PRESETS)} or a list of module-name suffixes")
@@ -131,11 +148,15 @@ class RunConfig:
                                  "list of module-name suffixes")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.svd_split not in SVD_SPLITS:
-            raise ValueError(f"unknown svd_split {self.svd_split!r}: use one of {SVD_SPLITS}")
-        if self.svd_solver not in SVD_SOLVERS:
-            raise ValueError(f"unknown svd_solver {self.svd_solver!r}: use one of {SVD_SOLVERS}")
-        _positive_int("niter", self.niter, zero_ok=True)
+        # the adapter settings are checked by lora itself (one set of rules), for 'full' too
+        LoRASettings(rank=self.rank, alpha=self.alpha,
+                     init="kaiming" if self.variant == "full" else self.init,
+                     freeze_a=self.variant == "lorafa", dropout=self.lora_dropout,
+                     seed=self.seed, rslora=self.rslora, svd_solver=self.svd_solver,
+                     niter=self.niter, svd_split=self.svd_split,
+                     gradient_step=self.gradient_step if self.variant != "full" else 0.0)
+        if self.variant == "full":
+            self.init = "none"  # no adapter: keep run ids and sweeps free of fake inits
         _positive_int("gradient_batches", self.gradient_batches)
         if not (math.isfinite(self.reg_coeff) and self.reg_coeff >= 0):
             raise ValueError(f"reg_coeff must be >= 0, got {self.reg_coeff}")
@@ -202,13 +223,17 @@ class RunConfig:
         if adapter and self.targets != "attention":
             parts.append("t" + (self.targets if isinstance(self.targets, str)
                                 else "+".join(self.targets)))
-        if adapter and self.init.startswith("svd"):
-            if self.svd_split != "sqrt":
-                parts.append(f"split{self.svd_split}")
-            if self.svd_solver != "exact":
-                parts.append(f"rsvd{self.niter}")
-        if adapter and self.init == "gradient" and self.gradient_batches != 8:
+        uses = INITS[self.init].uses if adapter else ()  # the settings this init reads
+        if "svd_split" in uses and self.svd_split != "sqrt":
+            parts.append(f"split{self.svd_split}")
+        if "svd_solver" in uses and self.svd_solver != "exact":
+            parts.append(f"rsvd{self.niter}")
+        if adapter and INITS[self.init].needs_gradient and self.gradient_batches != 8:
             parts.append(f"gb{self.gradient_batches}")
+        if adapter and INITS[self.init].needs_gradient and self.gradient_center:
+            parts.append("gc")
+        if "gradient_step" in uses and self.gradient_step:
+            parts.append(f"gs{fmt_float(self.gradient_step)}")
         if self.reg_coeff:
             parts.append(f"reg{fmt_float(self.reg_coeff)}")
         if self.head_lr is not None:
@@ -256,6 +281,10 @@ class RunConfig:
     @classmethod
     def defaults(cls) -> dict:
         return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def _number(x, integral=False) -> bool:
+    return not isinstance(x, bool) and isinstance(x, numbers.Integral if integral else numbers.Real)
 
 
 def _positive(name, x):

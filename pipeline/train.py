@@ -116,12 +116,13 @@ def add_adapters(cfg: RunConfig, model, batches=None) -> list[str]:
     gradients = None
     if cfg.init == "gradient":
         loss_fn = partial(batch_loss, regression=get_task(cfg.task).is_regression)
-        gradients = estimate_gradients(model, loss_fn, batches, targets=cfg.targets)
+        gradients = estimate_gradients(model, loss_fn, batches, targets=cfg.targets,
+                                       center=cfg.gradient_center)
     adapted = add_lora(model, rank=cfg.rank, alpha=cfg.alpha, init=cfg.init,
                        targets=cfg.targets, freeze_a=cfg.variant == "lorafa",
                        dropout=cfg.lora_dropout, seed=cfg.seed, rslora=cfg.rslora,
                        svd_solver=cfg.svd_solver, niter=cfg.niter, svd_split=cfg.svd_split,
-                       gradients=gradients)
+                       gradients=gradients, gradient_step=cfg.gradient_step)
     mark_only_lora_as_trainable(model, head=True)
     return adapted
 

@@ -14,8 +14,8 @@ REFUSED = [
     (dict(task="mrpcc"), "unknown task 'mrpcc'"),
     (dict(variant="qlora"), "unknown variant 'qlora'"),
     (dict(init="pissa"), "unknown init 'pissa'"),
-    (dict(rank=0), "rank must be an int >= 1, got 0"),
-    (dict(rank=2.5), "rank must be an int >= 1, got 2.5"),
+    (dict(rank=0), "rank must be a positive int, got 0"),
+    (dict(rank=2.5), "rank must be an int, got 2.5"),
     (dict(alpha=0), "alpha must be a finite number > 0, got 0"),
     (dict(alpha=float("nan")), "alpha must be a finite number > 0, got nan"),
     (dict(targets="ffn"), "unknown targets preset 'ffn'"),
@@ -23,10 +23,18 @@ REFUSED = [
     (dict(lora_dropout=1.0), "lora_dropout must be in [0, 1), got 1.0"),
     (dict(svd_split="a"), "unknown svd_split 'a'"),
     (dict(svd_solver="lanczos"), "unknown svd_solver 'lanczos'"),
-    (dict(niter=-1), "niter must be an int >= 0, got -1"),
+    (dict(niter=-1), "niter (randomized SVD power iterations) must be an int >= 0, got -1"),
+    (dict(init="svd_minor", svd_solver="randomized"), "init='svd_minor' needs svd_solver='exact'"),
+    (dict(variant="full", svd_solver="lanczos"), "unknown svd_solver 'lanczos'"),
+    (dict(gradient_step=0.1), "gradient_step only applies to init='gradient' (got init='svd')"),
+    (dict(init="gradient", gradient_step=-1), "gradient_step must be a finite number >= 0"),
     (dict(gradient_batches=0), "gradient_batches must be an int >= 1, got 0"),
     (dict(reg_coeff=-0.1), "reg_coeff must be >= 0, got -0.1"),
     (dict(variant="full", reg_coeff=0.1), "reg_coeff penalises ||B - B0|| of adapters"),
+    (dict(lr=None), "lr must be a number, got None"),
+    (dict(warmup_ratio="0.1"), "warmup_ratio must be a number, got '0.1'"),
+    (dict(head_lr="x"), "head_lr must be a number or None, got 'x'"),
+    (dict(subsample_train=2.5), "subsample_train must be an int or None, got 2.5"),
     (dict(lr=0), "lr must be a finite number > 0, got 0"),
     (dict(lr=-1e-3), "lr must be a finite number > 0, got -0.001"),
     (dict(lr=float("inf")), "lr must be a finite number > 0, got inf"),
@@ -55,6 +63,9 @@ REFUSED = [
     (dict(seed=-1), "seed must be an int >= 0, got -1"),
     (dict(val_fraction=0, patience=2), "patience stops on the selection split"),
     (dict(tag="a/b"), "tag 'a/b' must be a string without"),
+    (dict(rslora="false"), "rslora must be True or False, got 'false'"),
+    (dict(length_grouped=1), "length_grouped must be True or False, got 1"),
+    (dict(model=""), "model must be 'minilm', 'mpnet', a hub id or a folder, got ''"),
 ]
 
 
@@ -105,9 +116,14 @@ def test_alpha_defaults_to_twice_the_rank_everywhere():
     assert "-a4-" in RunConfig(rank=4, alpha=4).run_id
 
 
-def test_numpy_numbers_become_plain_python():
-    cfg = RunConfig(rank=np.int64(4), lr=np.float32(1e-3), epochs=np.int32(2))
+def test_numpy_numbers_and_paths_become_plain_python(tmp_path):
+    cfg = RunConfig(rank=np.int64(4), lr=np.float32(1e-3), epochs=np.int32(2),
+                    logs_dir=tmp_path, glue_dir=tmp_path, rslora=np.bool_(True))
     assert type(cfg.rank) is int and type(cfg.lr) is float and type(cfg.epochs) is int
+    assert cfg.logs_dir == cfg.glue_dir == str(tmp_path) and cfg.rslora is True
+    import json
+    from dataclasses import asdict
+    json.dumps(asdict(cfg))  # the log's config is JSON
 
 
 def test_schema1_config_reads_as_the_pilot_protocol():
@@ -136,6 +152,11 @@ def test_run_ids_of_protocol_settings():
     assert RunConfig(val_fraction=0).run_id == RunConfig().run_id  # pilot ids unchanged
     assert RunConfig(val_fraction=0.2, split_seed=1).run_id.endswith("-val0.2-ss1-s0")
     assert RunConfig(init="gradient", gradient_batches=4).run_id.endswith("-gb4-s0")
+    assert RunConfig(init="gradient", gradient_step=0.5).run_id.endswith("-gs5e-01-s0")
+    # settings an init does not read leave its run id alone
+    assert RunConfig(init="orthogonal", svd_split="b", svd_solver="randomized").run_id == \
+        "mrpc-lorafa-orthogonal-r8-lr5e-04-s0"
+    assert RunConfig(init="svd_minor", svd_split="b").run_id.endswith("svd_minor-r8-lr5e-04-splitb-s0")
     assert RunConfig(variant="full", init="gradient").init == "none"
 
 
