@@ -199,6 +199,8 @@ def _benchmark(work: Path, env, budget_s: float, cpu_smoke: bool) -> dict:
     out = work / "bench" / "gpu_bench.json"
     cmd = [sys.executable, "-m", "benchmarks.gpu", "--out", str(out), "--budget-s",
            str(budget_s)] + (["--cpu-smoke"] if cpu_smoke else [])
+    cores = str(os.cpu_count() or 1)  # alone on the machine: every core builds the models
+    env = {**env, "OMP_NUM_THREADS": cores, "MKL_NUM_THREADS": cores}
     with open(work / "bench.log", "w") as log:
         try:
             rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
