@@ -62,7 +62,7 @@ plots: setup
 
 # The study (pipeline/study.py holds its one spec): lr selection on val (logs/study_lr), then the
 # main grid at the selected lrs (logs/study), task by task; resumes where it stopped. Two
-# workers: `make study STUDY_ARGS=--shard=0/2 &` and `make study STUDY_ARGS=--shard=1/2`.
+# workers: run `make study` twice (they share the runs through the sweep's run claims).
 study: setup
 	$(BIN)/python -m pipeline.study all $(STUDY_ARGS)
 

@@ -13,6 +13,9 @@ val-best step.
     python -m pipeline.study all    [--deadline-s S]   # lr -> select -> main, task by task
     (--smoke: a tiny study for tests; --gpu: the GPU profile; --dry-run: list, run nothing)
 
+Several workers share the study without --shard too: each takes the next run that no live
+worker has claimed (pipeline.sweep's lock files), so `make study` can simply run twice.
+
 Epochs are a reasoned guess made before any result (1-epoch pilot runs still rose at the end;
 MRPC, CoLA, RTE and STS-B get 5 epochs, SST-2's 10k subsample 2): check them on the val curves
 of the lr sweep, where the best method's val metric must have plateaued.
