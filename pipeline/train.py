@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import checkpoints as C
 from . import logs as L
 from .config import NON_SEMANTIC, VARIANTS, RunConfig, fmt_float  # noqa: F401 (re-exported)
-from .data import (epoch_order, get_task, global_batches, length_grouped_batches,
+from .data import (HUB, epoch_order, get_task, global_batches, length_grouped_batches,
                    load_examples, make_collator, resolve_glue_dir, shard, split_sha, tokenize,
                    train_val_split)
 from .metrics import adapter_input_rms, compute_metrics, evaluate, per_example_loss  # noqa: F401
@@ -58,7 +58,7 @@ def load_splits(cfg: RunConfig, tokenizer):
     if not train_f:
         raise ValueError(f"no training rows left after holding out {len(val_idx)} for "
                          "validation: raise subsample_train or lower val_fraction")
-    info = {"source": f"folder:{L.portable_path(glue_dir)}" if glue_dir != "hub" else "hub",
+    info = {"source": f"folder:{L.portable_path(glue_dir)}" if glue_dir != HUB else HUB,
             "n_train": len(train_f), "n_val": len(val_f) if val_idx else 0,
             "n_test": len(test_f), "eval_split": "val" if val_idx else "dev",
             "dev_split": cfg.dev_split, "split_seed": cfg.split_seed,
