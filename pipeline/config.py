@@ -8,7 +8,7 @@ log is never mistaken for a run of the new protocol).
 
     from pipeline.config import RunConfig
     cfg = RunConfig(task="rte", init="orthogonal", lr=5e-3)   # alpha = 2 * rank
-    cfg.run_id                                                 # 'rte-lorafa-orthogonal-r8-lr5e-03-s0'
+    cfg.run_id                      # 'rte-lorafa-orthogonal-r8-lr5e-03-s0'
 """
 from __future__ import annotations
 

@@ -156,7 +156,8 @@ def test_run_ids_of_protocol_settings():
     # settings an init does not read leave its run id alone
     assert RunConfig(init="orthogonal", svd_split="b", svd_solver="randomized").run_id == \
         "mrpc-lorafa-orthogonal-r8-lr5e-04-s0"
-    assert RunConfig(init="svd_minor", svd_split="b").run_id.endswith("svd_minor-r8-lr5e-04-splitb-s0")
+    assert RunConfig(init="svd_minor", svd_split="b").run_id.endswith(
+        "svd_minor-r8-lr5e-04-splitb-s0")
     assert RunConfig(variant="full", init="gradient").init == "none"
 
 
