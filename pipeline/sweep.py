@@ -57,7 +57,8 @@ def _as_list(x) -> list:
 def grid(axes: dict, **common) -> list[RunConfig]:
     """Every combination of ``axes`` ({RunConfig field: values}, the first axis outermost) with
     the ``common`` fields. 'full' ignores the adapter settings (init, rank, ...), so its repeats
-    are dropped (by run_id).
+    are dropped (by run_id); two different configs with one run id (an axis the id does not
+    name, e.g. epochs) are refused.
 
         grid({"init": ["orthogonal", "svd"], "lr": [1e-4, 5e-4], "seed": [0, 1]}, epochs=2)
     """
@@ -71,12 +72,16 @@ def grid(axes: dict, **common) -> list[RunConfig]:
     if set(axes) & set(common):
         raise ValueError(f"{sorted(set(axes) & set(common))} given both as an axis and a "
                          "common setting: give it once")
-    seen, out = set(), []
+    seen, out = {}, []
     for values in itertools.product(*(_as_list(v) for v in axes.values())):
         cfg = RunConfig(**common, **dict(zip(axes, values)))
-        if cfg.run_id not in seen:
-            seen.add(cfg.run_id)
+        first = seen.setdefault(cfg.run_id, cfg)
+        if first is cfg:
             out.append(cfg)
+        elif cfg.differs_from(first.semantic()):  # run ids name the usual axes, not all fields
+            raise ValueError(f"two configs of this grid share the run id {cfg.run_id!r} "
+                             f"({cfg.differs_from(first.semantic())}): give each its own tag "
+                             "(one sweep per value) or logs_dir")
     return out
 
 

@@ -43,6 +43,15 @@ def test_grid_is_any_product_of_fields_in_a_stable_order():
         S.grid({"lr": [1e-3]}, lr=1e-4)
 
 
+def test_grid_refuses_two_configs_that_share_a_run_id():
+    # run ids name the usual axes; an epochs axis used to collapse silently to its first value
+    with pytest.raises(ValueError, match=r"share the run id 'mrpc-lorafa-svd-r8-lr5e-04-s0' "
+                                         r"\(epochs: 1 -> 2\): give each its own tag"):
+        S.grid({"epochs": [1, 2]})
+    # 'full' repeats over adapter settings are the same run, not a conflict
+    assert len(S.grid({"variant": ["full"], "rank": [4, 8], "alpha": [8, 16]})) == 1
+
+
 def test_alpha_defaults_to_twice_each_rank_of_a_rank_axis():
     cfgs = S.grid({"rank": [4, 8, 16]})
     assert [c.alpha for c in cfgs] == [8, 16, 32]
