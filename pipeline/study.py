@@ -33,6 +33,7 @@ from pathlib import Path
 
 from . import logs as L
 from .methods import METHODS
+from .sweep import parse_shard
 
 # ---------------------------------------------------------------- the spec (fixed before results)
 TASKS = ("mrpc", "cola", "rte", "stsb", "sst2")  # priority order
@@ -102,11 +103,12 @@ def run_config(spec: Study, task: str, method: str, lr: float, seed: int, logs_d
         raise ValueError(f"unknown method {method!r}: use one of {list(METHODS)}")
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}: use one of {list(PROFILES)}")
+    per_task = dict(epochs=spec.epochs[task], eval_every_steps=spec.eval_every_steps[task],
+                    subsample_train=spec.subsample_train.get(task),
+                    subsample_dev=spec.subsample_dev)
     return RunConfig(task=task, lr=lr, seed=seed, logs_dir=logs_dir,
-                     epochs=spec.epochs[task], eval_every_steps=spec.eval_every_steps[task],
-                     subsample_train=spec.subsample_train.get(task),
-                     subsample_dev=spec.subsample_dev,
-                     **{**spec.common, **METHODS[method][1], **PROFILES[profile], **overrides})
+                     **{**per_task, **spec.common, **METHODS[method][1], **PROFILES[profile],
+                        **overrides})
 
 
 def lr_selection_configs(spec: Study, task: str, logs_dir: str = LOGS["lr"],
@@ -141,6 +143,34 @@ def study_configs(spec: Study, selected_lrs: dict, seeds=None, tasks=None,
                     out.append(run_config(spec, task, m, lr, seed, logs_dir, profile,
                                           **overrides))
     return out
+
+
+def run_task(task: str, methods=None, lrs: dict | None = None, seeds=None,
+             logs_dir: str = LOGS["main"], figures_dir: str = FIGURES, spec: Study = STUDY,
+             profile: str = "cpu", **overrides) -> list[dict]:
+    """One task of the study, as the experiment notebooks run it: ``methods`` (METHODS keys;
+    default the spec's) at ``lrs`` ({method: lr}; default the val-selected lrs of
+    ``<figures_dir>/lr_selection.json``) and ``seeds`` (default the spec's, fewer for the
+    references), seed by seed. ``overrides`` are RunConfig fields (epochs, model,
+    subsample_train, ...); None values are dropped, so a notebook can pass its parameters
+    as they are. Complete runs are skipped, killed ones resume."""
+    from .sweep import run_configs
+
+    methods = list(methods or spec.methods)
+    if lrs is None:
+        chosen = read_selection(figures_dir).get(task) or {}
+        lrs = {m: c["lr"] if isinstance(c, dict) else c for m, c in chosen.items()}
+    missing = [m for m in methods if lrs.get(m) is None]
+    if missing:
+        raise ValueError(f"no lr for {missing} on {task}: pass lrs={{method: lr}} or run the "
+                         "lr selection first (make study)")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    per_method = {m: list(seeds) if seeds is not None else spec.seeds(m, profile)
+                  for m in methods}
+    cfgs = [run_config(spec, task, m, lrs[m], s, logs_dir, profile, **overrides)
+            for s in sorted({s for ss in per_method.values() for s in ss})
+            for m in methods if s in per_method[m]]
+    return run_configs(cfgs)
 
 
 # ---------------------------------------------------------------- lr selection
@@ -364,16 +394,6 @@ def work(spec: Study = STUDY, tasks=None, phases=("lr", "main"), dirs=None, shar
             worker.busy.add(cfg.run_id)
 
 
-def _shard(s: str) -> tuple[int, int]:
-    try:
-        k, n = (int(x) for x in s.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard {s!r}: want K/N, e.g. 0/2") from None
-    if not 0 <= k < n:
-        raise argparse.ArgumentTypeError(f"--shard {s}: need 0 <= K < N")
-    return k, n
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m pipeline.study",
                                 description=__doc__.split("\n\n")[0],
@@ -381,7 +401,7 @@ def parse_args(argv=None):
     p.add_argument("phase", choices=["lr", "select", "main", "all"])
     p.add_argument("--tasks", nargs="+", default=None, help="default: the spec's, in priority "
                                                             "order")
-    p.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+    p.add_argument("--shard", type=parse_shard, default=None, metavar="K/N",
                    help="this worker's share: every N-th run from the K-th")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="launch no run after this many seconds")

@@ -178,3 +178,28 @@ def test_cli_rejects_a_task_outside_the_study(capsys):
     with pytest.raises(SystemExit):
         S.main(["lr", "--tasks", "mnli"])
     assert "not in the study" in capsys.readouterr().err
+
+
+def test_run_task_runs_methods_at_the_selected_lrs_seed_by_seed(tmp_path, monkeypatch):
+    import pipeline.sweep
+
+    ran = []
+    monkeypatch.setattr(pipeline.sweep, "run_configs", lambda cfgs: ran.extend(cfgs) or [])
+    fig = tmp_path / "fig"
+    with pytest.raises(FileNotFoundError, match="lr_selection.json not found"):
+        S.run_task("mrpc", spec=SPEC, figures_dir=str(fig))
+    S.write_selection({"selection_seeds": [100], "rows": [], "pending": {},
+                       "choices": {"mrpc": {"orthogonal": {"lr": 3e-3, "note": ""},
+                                            "svd": {"lr": 1e-2, "note": ""},
+                                            "full": {"lr": 3e-5, "note": ""}}}}, str(fig))
+    S.run_task("mrpc", spec=SPEC, figures_dir=str(fig), logs_dir=str(tmp_path / "logs"),
+               epochs=None, subsample_dev=None, batch_size=8)  # None values keep the spec's
+    assert [(method_of(asdict(c)), c.seed, c.lr) for c in ran] == [
+        ("orthogonal", 0, 3e-3), ("svd", 0, 1e-2), ("full", 0, 3e-5),
+        ("orthogonal", 1, 3e-3), ("svd", 1, 1e-2)]  # references: fewer seeds
+    assert all(c.batch_size == 8 and c.epochs == SPEC.epochs["mrpc"] for c in ran)
+    ran.clear()
+    S.run_task("mrpc", ["svd"], lrs={"svd": 2e-3}, seeds=[7], spec=SPEC, epochs=3)
+    assert [(c.lr, c.seed, c.epochs, c.svd_split) for c in ran] == [(2e-3, 7, 3, "b")]
+    with pytest.raises(ValueError, match=r"no lr for \['gradient'\] on mrpc"):
+        S.run_task("mrpc", ["gradient"], lrs={"svd": 1e-3}, spec=SPEC)
