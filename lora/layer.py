@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -330,8 +332,8 @@ def lora_config(model: nn.Module) -> dict:
     return {**settings, "targets": [n for n, _ in mods]}
 
 
-def estimate_gradients(model: nn.Module, loss_fn, batches, targets="attention"
-                       ) -> dict[str, torch.Tensor]:
+def estimate_gradients(model: nn.Module, loss_fn, batches, targets="attention",
+                       center: bool = False) -> dict[str, torch.Tensor]:
     """G = mean over ``batches`` of dL/dW for every target linear, in float32 (float64 for a
     float64 model: ``compute_dtype``): what ``add_lora(init="gradient", gradients=G)`` needs.
     ``loss_fn(model, batch)`` returns a scalar loss; ``lora`` knows nothing else of the task.
@@ -339,14 +341,20 @@ def estimate_gradients(model: nn.Module, loss_fn, batches, targets="attention"
     The pass runs in eval mode (no dropout: the estimate is deterministic and draws nothing
     from the global RNG) with only the target weights requiring grad, keeping one running sum
     per target. Afterwards every weight is bit-identical and the requires_grad flags, any
-    existing ``.grad`` and ``model.training`` are as they were."""
+    existing ``.grad`` and ``model.training`` are as they were.
+
+    ``center=True`` returns the gradient with every layer's inputs centred, per batch:
+    G_c = sum_t delta_t (x_t - mu)^T = G - (sum_t delta_t) mu^T, mu the batch's mean input to the
+    layer (over the tokens whose ``attention_mask`` is 1 when the batch is a mapping holding one,
+    else over every row). This drops the mean-input direction, which otherwise dominates the
+    top of G in transformers (a near-constant A x that acts like a bias)."""
     if lora_modules(model):
         raise RuntimeError("estimate_gradients needs the model without adapters: call it "
                            "before add_lora (or after remove_lora)")
     weights = {n: model.get_submodule(n).weight for n in find_targets(model, targets)}
     saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     training = model.training
-    sums, n = {}, 0
+    sums, n, masks, hooks = {}, 0, [None], []
     try:
         model.eval()
         for p, _, _ in saved:
@@ -354,8 +362,12 @@ def estimate_gradients(model: nn.Module, loss_fn, batches, targets="attention"
             p.grad = None
         for w in weights.values():
             w.requires_grad_(True)
+        if center:
+            hooks = [model.get_submodule(name).register_forward_hook(
+                partial(_center_hook, name=name, mask=masks, out=sums)) for name in weights]
         with torch.enable_grad():
             for n, batch in enumerate(batches, start=1):
+                masks[:] = [batch.get("attention_mask") if isinstance(batch, Mapping) else None]
                 loss = loss_fn(model, batch)
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     raise ValueError(f"loss_fn must return a scalar tensor, got "
@@ -372,6 +384,8 @@ def estimate_gradients(model: nn.Module, loss_fn, batches, targets="attention"
                     sums[name] = g if name not in sums else sums[name].add_(g)
                     w.grad = None
     finally:
+        for h in hooks:
+            h.remove()
         for p, flag, grad in saved:
             p.requires_grad_(flag)
             p.grad = grad
@@ -379,6 +393,23 @@ def estimate_gradients(model: nn.Module, loss_fn, batches, targets="attention"
     if n == 0:
         raise ValueError("batches is empty: pass at least one batch to estimate gradients from")
     return {name: g / n for name, g in sums.items()}
+
+
+def _center_hook(module, inputs, output, *, name, mask, out):
+    """estimate_gradients(center=True): once the output's gradient delta is known, subtract
+    (sum_t delta_t) mu^T from the running sum (mu: the mean input over the batch's real tokens)."""
+    x = inputs[0].detach()
+    ct = inits.compute_dtype(x)
+    m = mask[0]
+    m = torch.ones(x.shape[:-1], device=x.device) if m is None or m.shape != x.shape[:-1] else m
+    m = m.to(ct).unsqueeze(-1)
+    mu = (x.to(ct) * m).sum(tuple(range(x.dim() - 1))) / m.sum().clamp_min(1)
+
+    def subtract(delta):
+        corr = -torch.outer(delta.to(ct).reshape(-1, delta.shape[-1]).sum(0), mu)
+        out[name] = corr if name not in out else out[name].add_(corr)
+
+    output.register_hook(subtract)
 
 
 def mark_only_lora_as_trainable(model: nn.Module, head: bool = True, bias: str = "none",
