@@ -26,7 +26,8 @@ def smoke_logs(tmp_path_factory, tiny_bert_dir, glue_dir):
     logs = tmp / "logs"
     for task in ("mrpc", "rte", "cola"):
         execute(f"{task}_experiment.ipynb", tmp, logs_dir=str(logs), model=tiny_bert_dir(),
-                variants=["lorafa"], inits={"lorafa": ["orthogonal", "svd"]}, **SMOKE)
+                methods=["orthogonal", "svd", "gradient"],
+                lrs={"orthogonal": 5e-3, "svd": 5e-3, "gradient": 5e-3}, **SMOKE)
     return tmp, logs
 
 
@@ -34,7 +35,7 @@ def test_task_notebooks_write_one_complete_log_per_run(smoke_logs):
     _, logs = smoke_logs
     for task in ("mrpc", "rte", "cola"):
         files = sorted((logs / task).glob("*.json"))
-        assert [f.name.split("-")[2] for f in files] == ["orthogonal", "svd"]
+        assert [f.name.split("-")[2] for f in files] == ["gradient", "orthogonal", "svd"]
         assert all(json.loads(f.read_text())["status"] == "complete" for f in files)
 
 
@@ -61,5 +62,6 @@ def test_presentation_notebook_writes_the_figures(smoke_logs):
             "study_results.md", "study_results.csv", "stats.md", "forest.png",
             "study_convergence.png"} <= written
     table = (figures / "study_results.md").read_text()
-    assert "LoRA-FA svd (√S, PiSSA)" in table and "LoRA-FA orthogonal" in table
+    assert all(m in table for m in ("LoRA-FA svd (S in B)", "LoRA-FA orthogonal",
+                                     "LoRA-FA gradient"))
     assert "undetermined at n = 1" in (figures / "stats.md").read_text()
