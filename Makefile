@@ -9,7 +9,7 @@ GLUE_DIR ?= $(abspath $(wildcard ../shared/glue))
 export GLUE_DIR
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup main test experiments followups plots study gpu-pack gpu-dryrun gpu-unpack
+.PHONY: setup main test experiments followups plots study smoke-study gpu-pack gpu-dryrun gpu-unpack
 
 setup: $(VENV)/.installed
 
@@ -70,6 +70,18 @@ plots: setup
 # workers: run `make study` twice (they share the runs through the sweep's run claims).
 study: setup
 	$(BIN)/python -m pipeline.study all $(STUDY_ARGS)
+
+# The protocol end to end at smoke size (CLI -> logs -> plotting notebook -> stats.md and
+# forest.png): 200 MRPC training examples, three LoRA-FA inits x 3 seeds, one epoch, MiniLM;
+# 5-15 minutes on 2 cores. Everything lands in runs/smoke-study/ (git-ignored).
+smoke-study: setup
+	$(BIN)/python -m pipeline.sweep --task mrpc --variant lorafa --init orthogonal svd gradient \
+	    --svd-split b --lr 5e-3 --seed 0 1 2 --epochs 1 --subsample-train 200 \
+	    --eval-every-steps 2 --logs-dir runs/smoke-study/logs --quiet
+	$(BIN)/papermill plots_for_preso.ipynb runs/smoke-study/plots_for_preso.ipynb \
+	    -p logs_dir runs/smoke-study/logs -p figures_dir runs/smoke-study/figures \
+	    -p lr_dir runs/smoke-study/absent -p n_boot 200
+	@ls runs/smoke-study/figures
 
 # The GPU kit: .gpu/ (git-ignored) holds the fp16 MiniLM and the study's GLUE files; the dry run
 # is the device run's entry point on CPU with the tiny study; unpack takes the returned archive.
