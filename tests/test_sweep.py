@@ -383,4 +383,5 @@ def test_only_one_of_several_workers_takes_over_a_stale_lock(tmp_path):
                               stdout=subprocess.PIPE, text=True) for _ in range(4)]
     got = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
     assert sum(claimed for claimed, _ in got) == 1, got
-    assert all(note.startswith(("took over", "claimed by pid")) for _, note in got), got
+    # the losers saw the new owner, or its lock while it was being written
+    assert all(note.startswith(("took over", "claimed by pid", "claimed (")) for _, note in got), got
