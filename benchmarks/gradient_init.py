@@ -202,9 +202,9 @@ def table(logs=LOGS, results=RESULTS, out=TABLE) -> str:
     if cfg0:
         note.append(f"Diagnostics: the first {cfg0['gradient_batches']} training batches of "
                     f"the n={cfg0['subsample_train']} seed-{cfg0['seed']} run, means over the "
-                    "24 attention linears (A·x RMS is the same number, measured by the run at init; "
-                    "lr × A·x RMS is the scale of B's Adam step at the output: the effective "
-                    "lr); abs cos(a1, mu) = A's top row vs the mean input; "
+                    "24 attention linears (A·x RMS is the same number, measured by the run "
+                    "at init; lr × A·x RMS is the scale of B's Adam step at the output: the "
+                    "effective lr); abs cos(a1, mu) = A's top row vs the mean input; "
                     "share kept = ||G_c A^T||^2 / ||G_c||^2 (centred gradient). Variant "
                     "'gradient-prior' (dL/dlogits minus its batch mean) is diagnosed only: "
                     + ", ".join(f"{k}={v:.2f}" for k, v in diag.get("gradient-prior", {}).items()
