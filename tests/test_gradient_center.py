@@ -96,3 +96,34 @@ def test_run_config_gradient_center():
     assert RunConfig.from_dict(stored).gradient_center is False  # logs from before the field
     with pytest.raises(ValueError, match="gradient_center must be True or False"):
         RunConfig(init="gradient", gradient_center="yes")
+
+
+def test_pipeline_passes_gradient_center_to_the_gradient_pass(glue_dir, tmp_path, tiny_bert_dir):
+    """add_adapters(cfg) with gradient_center=True: A spans the top right singular vectors of
+    the centred gradient of the run's first batches (not of the plain one)."""
+    from functools import partial
+
+    from pipeline import train as T
+    from pipeline.data import make_collator
+
+    cfg = RunConfig(task="mrpc", model=tiny_bert_dir(0.0), init="gradient", rank=2,
+                    gradient_center=True, batch_size=8, subsample_train=40, subsample_dev=16,
+                    gradient_batches=2, logs_dir=str(tmp_path), glue_dir=str(glue_dir),
+                    quiet=True)
+    torch.manual_seed(0)
+    model, tok, _ = T.load_model(cfg, 2)
+    train, *_ = T.load_splits(cfg, tok)
+    coll = make_collator(tok)
+    batches = [coll([train[i] for i in b]) for b in T.epoch_batches(cfg, train, 0)[:2]]
+    loss = partial(T.batch_loss, regression=False)
+    name = "bert.encoder.layer.0.attention.output.dense"
+    grads = {c: lora.estimate_gradients(model, loss, batches, center=c)[name]
+             for c in (False, True)}
+    T.add_adapters(cfg, model, batches)
+    a = model.get_submodule(name).lora_A.detach()
+
+    def alignment(g):  # cosines of the principal angles between A's rows and V_2(G)
+        return torch.linalg.svdvals(a @ torch.linalg.svd(g)[2][:2].T).min()
+
+    assert alignment(grads[True]) > 1 - 1e-4
+    assert alignment(grads[False]) < 0.99
