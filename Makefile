@@ -30,7 +30,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 # under the study's protocol (val split, test at the val-best step) - then plots_for_preso.ipynb
 # on those logs. Executed notebooks land in runs/, logs in logs/quickstart/, figures in
 # figures/quickstart/ (all git-ignored). About 15 minutes on 2 CPU cores.
-QUICK := {methods: [orthogonal, svd, gradient], lrs: {orthogonal: 5e-3, svd: 5e-3, gradient: 5e-3}, seeds: [0], epochs: 2, logs_dir: logs/quickstart}
+QUICK := {methods: [orthogonal, svd, gradient], lrs: {orthogonal: 0.005, svd: 0.005, gradient: 0.005}, seeds: [0], epochs: 2, logs_dir: logs/quickstart}
 main: setup
 	mkdir -p runs
 	$(BIN)/papermill --log-output mrpc_experiment.ipynb runs/mrpc_experiment.ipynb -y '$(QUICK)'
