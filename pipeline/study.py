@@ -37,7 +37,7 @@ from .sweep import parse_shard
 
 # ---------------------------------------------------------------- the spec (fixed before results)
 TASKS = ("mrpc", "cola", "rte", "stsb", "sst2")  # priority order
-LORAFA = ("orthogonal", "svd", "svd_minor", "gradient", "svd_sqrt")  # the question
+LORAFA = ("orthogonal", "svd", "svd_minor", "gradient", "gradient_center", "svd_sqrt")
 REFERENCES = ("lora", "full")
 EPOCHS = {"mrpc": 5, "cola": 5, "rte": 5, "stsb": 5, "sst2": 2}
 # about 4 val evaluations per epoch (steps per epoch at batch 32 after the 10% val split:
@@ -45,7 +45,11 @@ EPOCHS = {"mrpc": 5, "cola": 5, "rte": 5, "stsb": 5, "sst2": 2}
 EVAL_EVERY_STEPS = {"mrpc": 25, "cola": 60, "rte": 20, "stsb": 40, "sst2": 70}
 SUBSAMPLE_TRAIN = {"sst2": 10_000}  # the first 10k rows: a fixed subsample
 _LORAFA_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
+# gradient-aligned A has ~3x the A·x RMS of random A (figures/gradient_init.md), so the same lr
+# is ~3x the effective step: its grid starts 3x lower (set before any study run)
+_GRADIENT_LRS = (3e-4, 1e-3, 2e-3, 5e-3, 1e-2)
 LR_GRIDS = {**{m: _LORAFA_LRS for m in LORAFA},
+            "gradient": _GRADIENT_LRS, "gradient_center": _GRADIENT_LRS,
             "lora": (3e-4, 1e-3, 3e-3), "full": (2e-5, 5e-5, 1e-4, 2e-4)}
 SELECTION_SEEDS = (100, 101)  # distinct from every study seed
 # study seeds per profile: 5 (CPU) / 10 (GPU) for LoRA-FA; references 3 on CPU

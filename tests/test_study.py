@@ -203,3 +203,12 @@ def test_run_task_runs_methods_at_the_selected_lrs_seed_by_seed(tmp_path, monkey
     assert [(c.lr, c.seed, c.epochs, c.svd_split) for c in ran] == [(2e-3, 7, 3, "b")]
     with pytest.raises(ValueError, match=r"no lr for \['gradient'\] on mrpc"):
         S.run_task("mrpc", ["gradient"], lrs={"svd": 1e-3}, spec=SPEC)
+
+
+def test_gradient_methods_are_told_apart_also_in_logs_that_predate_centring():
+    assert method_of({"variant": "lorafa", "init": "gradient"}) == "gradient"  # no field: False
+    assert method_of({"variant": "lorafa", "init": "gradient",
+                      "gradient_center": True}) == "gradient_center"
+    cfg = S.run_config(S.STUDY, "mrpc", "gradient_center", 1e-3, 0, "logs/x")
+    assert cfg.gradient_center and "gc" in cfg.run_id
+    assert S.LR_GRIDS["gradient"][0] < S.LR_GRIDS["orthogonal"][0]  # ~3x the effective step
