@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import gpu
+from pipeline.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKER = '''import sys
@@ -125,7 +126,7 @@ def test_dry_run_end_to_end_then_unpack(tiny_pack, tmp_path, blocked_env):
     assert archive.stat().st_size <= gpu.ARCHIVE_LIMIT
     with tarfile.open(archive) as tar:
         summary = json.load(tar.extractfile("summary.json"))
-    n = 7  # methods: one lr each in the smoke study, one seed
+    n = len(METHODS)  # methods: one lr each in the smoke study, one seed
     assert summary["counts"] == {"lr": {"mrpc": {"complete": n}},
                                  "main": {"mrpc": {"complete": n}}}, summary["counts"]
     assert summary["bench"]["goals"] and not summary["bench"]["errors"]
@@ -141,8 +142,7 @@ def test_dry_run_end_to_end_then_unpack(tiny_pack, tmp_path, blocked_env):
         text = p.read_text()
         assert str(tmp_path) not in text and str(tiny_pack) not in text  # no machine paths
     sel = json.loads((root / "figures/gpu/lr_selection.json").read_text())
-    assert set(sel["choices"]["mrpc"]) == {"orthogonal", "svd", "svd_minor", "gradient",
-                                           "svd_sqrt", "lora", "full"}
+    assert set(sel["choices"]["mrpc"]) == set(METHODS)
     bench = json.loads((root / "benchmarks/results/gpu/gpu_bench.json").read_text())
     assert bench["device"] == "cpu" and bench["rows"]
     from pipeline import analysis
