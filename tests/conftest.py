@@ -1,6 +1,9 @@
 """Shared fixtures: the embedded MiniLM (real weights) and a tiny random RoBERTa."""
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # Tiny models on a shared 2-core machine: one thread per process is several times faster
@@ -60,11 +63,17 @@ def token_batch():
 
 
 # ==== pipeline fixtures (owner: pipeline; data/train/logs tests) ===========================
-# Tests read GLUE from the committed tiny synthetic folder (tests/fixtures/make_glue.py), so the
-# suite runs on a fresh clone with no GLUE copy and no network. $GLUE_DIR is pointed at it for
-# this session (notebooks and subprocesses resolve the default folder too); the real folder is
-# only reached through `real_glue_dir`, for the full row/label counts.
-TINY_GLUE = ROOT / "tests" / "fixtures" / "glue"
+# Tests read GLUE from a tiny synthetic folder that tests/fixtures/make_glue.py writes for this
+# session (made-up sentences, nothing of GLUE is stored in the repo), so the suite runs on a
+# fresh clone with no GLUE copy and no network. $GLUE_DIR is pointed at it for the session
+# (notebooks and subprocesses resolve the default folder too); the real folder is only reached
+# through `real_glue_dir`, for the full row/label counts.
+from tests.fixtures.make_glue import main as _make_glue  # noqa: E402
+
+_TINY_ROOT = Path(tempfile.mkdtemp(prefix="svd-lorafa-glue-"))
+atexit.register(shutil.rmtree, _TINY_ROOT, ignore_errors=True)
+TINY_GLUE = _TINY_ROOT / "glue"
+_make_glue(TINY_GLUE)
 REAL_GLUE = Path(os.environ.get("GLUE_DIR") or ROOT.parent / "shared" / "glue")
 os.environ["GLUE_DIR"] = str(TINY_GLUE)
 

@@ -57,7 +57,7 @@ def test_folder_row_content(real_glue_dir):
 TINY = [(t, s) for t in ("mrpc", "rte", "cola", "stsb", "sst2", "wnli") for s in ("train", "dev")]
 
 
-def test_tiny_folder_is_what_make_glue_writes(glue_dir, tmp_path):
+def test_tiny_folder_is_the_same_every_time_it_is_written(glue_dir, tmp_path):
     from tests.fixtures.make_glue import main
     main(tmp_path)
     files = sorted(p.relative_to(glue_dir) for p in glue_dir.rglob("*.tsv"))
