@@ -189,12 +189,8 @@ def _stored(cfg) -> dict | None:
 
 
 def _ax_rms(h: dict) -> float | None:
-    """Mean RMS of A·x over the adapted modules, where the run logged it."""
-    v = (h.get("adapter_stats") or {}).get("ax_rms")
-    if isinstance(v, dict):
-        v = [x for x in v.values() if isinstance(x, (int, float))]
-        return statistics.fmean(v) if v else None
-    return v if isinstance(v, (int, float)) else None
+    """RMS of A·x at init, mean over the adapted modules (adapter runs log it; full FT not)."""
+    return (h.get("adapter_stats") or {}).get("ax_rms")
 
 
 def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,

@@ -78,10 +78,11 @@ def grid(axes: dict, **common) -> list[RunConfig]:
         first = seen.setdefault(cfg.run_id, cfg)
         if first is cfg:
             out.append(cfg)
-        elif cfg.differs_from(first.semantic()):  # run ids name the usual axes, not all fields
+            continue
+        diff = cfg.differs_from(first.semantic())  # run ids name the usual axes, not all fields
+        if diff:
             raise ValueError(f"two configs of this grid share the run id {cfg.run_id!r} "
-                             f"({cfg.differs_from(first.semantic())}): give each its own tag "
-                             "(one sweep per value) or logs_dir")
+                             f"({diff}): give each its own tag (one sweep per value) or logs_dir")
     return out
 
 
