@@ -3,9 +3,10 @@ the GPU kit (``pipeline.gpu``) and the analysis: tasks in priority order, method
 grids, seeds. Nothing here is tuned on results: every value below was fixed before any run.
 
 Protocol: val = 10% of train (at most 1000 rows, one split seed for every run, so runs pair by
-seed); lr chosen per (task, method) on val from ``LR_GRIDS`` with ``SELECTION_SEEDS``; then
-the main grid at ``STUDY_SEEDS`` with the chosen lrs; GLUE dev is the test set, reported at the
-val-best step.
+seed); lr chosen per (task, method) on val with ``SELECTION_SEEDS``, by a bracket search over
+``LR_GRIDS`` (the middle three lrs, extended one at a time towards the best until it is
+inside or the grid ends); then the main grid at ``STUDY_SEEDS`` with the chosen lrs; GLUE dev
+is the test set, reported at the val-best step.
 
     python -m pipeline.study lr     [--tasks mrpc cola] [--shard K/N]   # lr-selection runs
     python -m pipeline.study select                                     # figures/lr_selection.*
@@ -51,12 +52,20 @@ _GRADIENT_LRS = (3e-4, 1e-3, 2e-3, 5e-3, 1e-2)
 LR_GRIDS = {**{m: _LORAFA_LRS for m in LORAFA},
             "gradient": _GRADIENT_LRS, "gradient_center": _GRADIENT_LRS,
             "lora": (3e-4, 1e-3, 3e-3), "full": (2e-5, 5e-5, 1e-4, 2e-4)}
-SELECTION_SEEDS = (100, 101)  # distinct from every study seed
+# lr selection: the middle LR_START lrs of each grid first; while the best is at an end of
+# what ran and the grid goes further, the next lr that way (a bracket around the optimum,
+# at ~60% of the full grid's cost). Selection seeds per profile, distinct from every study
+# seed: one on the 2-core CPU (the whole grid at two seeds is ~2 days of it), two on a GPU.
+LR_START = 3
+SELECTION_SEEDS = {"cpu": (100,), "gpu": (100, 101)}
 # study seeds per profile: 5 (CPU) / 10 (GPU) for LoRA-FA; references 3 on CPU
 STUDY_SEEDS = {"cpu": tuple(range(5)), "gpu": tuple(range(10))}
 REFERENCE_SEEDS = {"cpu": tuple(range(3)), "gpu": tuple(range(10))}
+# length-grouped batches (chunks of 50 shuffled batches sorted by length, batch order
+# shuffled; HF's group_by_length): 0.68x the padded tokens and 0.66x the time of random
+# batches on MRPC (benchmarks/length_grouped.py); every method gets the same batches per seed
 COMMON = dict(model="minilm", rank=8, alpha=16, targets="attention", batch_size=32,
-              max_length=128, val_fraction=0.1, split_seed=0)
+              max_length=128, val_fraction=0.1, split_seed=0, length_grouped=True)
 # run settings that change with the machine, not the question
 PROFILES = {"cpu": {}, "gpu": dict(mixed_precision="bf16", checkpoint=False, quiet=True)}
 LOGS = {"lr": "logs/study_lr", "main": "logs/study"}
@@ -71,14 +80,18 @@ class Study:
     eval_every_steps: dict
     subsample_train: dict
     lr_grids: dict
-    selection_seeds: tuple
+    selection_seeds: dict
     study_seeds: dict
     reference_seeds: dict
     common: dict
     subsample_dev: int | None = None
+    lr_start: int | None = LR_START  # lrs each bracket starts with (None: the whole grid)
 
     def seeds(self, method: str, profile: str = "cpu") -> tuple:
         return (self.reference_seeds if method in REFERENCES else self.study_seeds)[profile]
+
+    def sel_seeds(self, profile: str = "cpu") -> tuple:
+        return self.selection_seeds[profile]
 
 
 STUDY = Study(tasks=TASKS, methods=LORAFA + REFERENCES, epochs=EPOCHS,
@@ -92,7 +105,8 @@ SMOKE = replace(STUDY, tasks=("mrpc",), epochs={t: 1 for t in TASKS},
                 eval_every_steps={t: None for t in TASKS},
                 subsample_train={t: 64 for t in TASKS}, subsample_dev=32,
                 lr_grids={m: (g[len(g) // 2],) for m, g in LR_GRIDS.items()},
-                selection_seeds=(100,), study_seeds={"cpu": (0,), "gpu": (0,)},
+                selection_seeds={"cpu": (100,), "gpu": (100,)},
+                study_seeds={"cpu": (0,), "gpu": (0,)},
                 reference_seeds={"cpu": (0,), "gpu": (0,)},
                 common={**COMMON, "max_length": 64})
 
@@ -115,12 +129,75 @@ def run_config(spec: Study, task: str, method: str, lr: float, seed: int, logs_d
                         **overrides})
 
 
+def lr_bracket(grid, means: dict, start: int | None = LR_START) -> tuple:
+    """The lrs of ``grid`` (ascending) to run for one method, given ``means`` ({lr: mean val
+    metric over the selection seeds; None while a seed is unfinished, NaN if one failed}): the
+    middle ``start`` lrs (all of them if None), then, once all of those have finished, one
+    more below while the best is the lowest that ran (or every one failed), one more above
+    while it is the highest, until the grid ends. Deterministic in the logs, so every worker
+    computes the same brackets."""
+    grid = tuple(grid)
+    if start is None or start >= len(grid):
+        return grid
+    lo = (len(grid) - start) // 2
+    hi = lo + start
+    while True:
+        ran = grid[lo:hi]
+        vals = [means.get(lr) for lr in ran]
+        if any(v is None for v in vals):
+            return ran  # wait for these before deciding where to go
+        ok = [(v, lr) for v, lr in zip(vals, ran) if math.isfinite(v)]
+        best = max(ok, key=lambda t: (t[0], -t[1]))[1] if ok else None  # ties: the smaller
+        if (best is None or best == ran[0]) and lo > 0:
+            lo -= 1
+        elif best is not None and best == ran[-1] and hi < len(grid):
+            hi += 1
+        else:
+            return ran
+
+
+def _lr_logs(spec: Study, task: str, method: str, logs_dir, profile, overrides) -> dict:
+    """{lr: [stored log or None per selection seed]} over the method's whole grid."""
+    return {lr: [_stored(run_config(spec, task, method, lr, seed, logs_dir, profile,
+                                    **overrides)) for seed in spec.sel_seeds(profile)]
+            for lr in spec.lr_grids[method]}
+
+
+def _finished(h) -> bool:
+    return h is not None and h.get("status") in ("complete", "failed")
+
+
+def _mean_val(hs: list) -> float | None:
+    """Mean val metric at the val-best step over the selection seeds: None while one is
+    unfinished, NaN if one failed (or logged no selection)."""
+    if not all(map(_finished, hs)):
+        return None
+    ok = [h for h in hs if h["status"] == "complete" and h.get("selection")]
+    if len(ok) < len(hs):
+        return math.nan
+    return statistics.fmean(h["selection"]["value"] for h in ok)
+
+
+def brackets(spec: Study, task: str, logs_dir: str = LOGS["lr"], profile: str = "cpu",
+             **overrides) -> dict:
+    """{method: (lrs of its bracket so far, {lr: [stored logs]})} for one task."""
+    out = {}
+    for m in spec.methods:
+        logs = _lr_logs(spec, task, m, logs_dir, profile, overrides)
+        means = {lr: _mean_val(hs) for lr, hs in logs.items()}
+        out[m] = (lr_bracket(spec.lr_grids[m], means, spec.lr_start), logs)
+    return out
+
+
 def lr_selection_configs(spec: Study, task: str, logs_dir: str = LOGS["lr"],
                          profile: str = "cpu", **overrides) -> list:
-    """The lr sweep of one task: every method x its lr grid x the selection seeds, seed by
-    seed (a sweep cut short holds whole grids of the first seed)."""
+    """The lr sweep of one task as far as the logs so far decide it: every method x its
+    current bracket (``lr_bracket``) x the selection seeds, seed by seed (a sweep cut short
+    holds whole brackets of the first seed). A bracket grows once its runs finish, so call
+    again after running these."""
+    br = brackets(spec, task, logs_dir, profile, **overrides)
     return [run_config(spec, task, m, lr, seed, logs_dir, profile, **overrides)
-            for seed in spec.selection_seeds for m in spec.methods for lr in spec.lr_grids[m]]
+            for seed in spec.sel_seeds(profile) for m in spec.methods for lr in br[m][0]]
 
 
 def study_configs(spec: Study, selected_lrs: dict, seeds=None, tasks=None,
@@ -196,27 +273,26 @@ def _ax_rms(h: dict) -> float | None:
 def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
                figures_dir: str | None = FIGURES, profile: str = "cpu", **overrides) -> dict:
     """Mean val metric at the val-best step per (task, method, lr) over the selection seeds,
-    and the best lr per (task, method). An lr counts only when every selection seed completed;
-    a choice at the edge of a grid is flagged ('extend the grid'). Writes
+    and the best lr per (task, method) among its bracket (``lr_bracket``). An lr counts only
+    when every selection seed completed; a task is pending until every bracket is final; a
+    choice at the edge of the whole grid is flagged ('extend the grid'). Writes
     ``<figures_dir>/lr_selection.md`` and ``.json`` (the json is what the main grid reads)
     unless ``figures_dir`` is None. Returns {"rows", "choices", "pending"}."""
     rows, choices, pending = [], {}, {}
     for task in tasks or spec.tasks:
-        logs = {(m, lr): [_stored(run_config(spec, task, m, lr, seed, logs_dir, profile,
-                                             **overrides)) for seed in spec.selection_seeds]
-                for m in spec.methods for lr in spec.lr_grids[m]}
-        n_runs = sum(map(len, logs.values()))
-        n_done = sum(h is not None and h.get("status") in ("complete", "failed")
-                     for hs in logs.values() for h in hs)
+        br = brackets(spec, task, logs_dir, profile, **overrides)
+        n_runs = sum(len(lrs) * len(spec.sel_seeds(profile)) for lrs, _ in br.values())
+        n_done = sum(_finished(h) for lrs, logs in br.values() for lr in lrs for h in logs[lr])
         if n_done < n_runs:
-            pending[task] = f"{n_done}/{n_runs} lr runs finished"
+            pending[task] = f"{n_done}/{n_runs} lr runs finished (brackets so far)"
             continue
         choices[task] = {}
         for m in spec.methods:
             grid = spec.lr_grids[m]
+            lrs, logs = br[m]
             cands = []
-            for lr in grid:
-                hs = logs[m, lr]
+            for lr in lrs:
+                hs = logs[lr]
                 ok = [h for h in hs if h["status"] == "complete" and h.get("selection")]
                 vals = [h["selection"]["value"] for h in ok]
                 mean = statistics.fmean(vals) if len(ok) == len(hs) else None
@@ -236,7 +312,7 @@ def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
             choices[task][m] = dict(lr=lr, val=mean, metric=row["metric"], ax_rms=row["ax_rms"],
                                     edge=edge, note=f"at the {edge} lr of the grid: extend the "
                                                     "grid" if edge else "")
-    out = {"selection_seeds": list(spec.selection_seeds), "logs_dir": str(logs_dir),
+    out = {"selection_seeds": list(spec.sel_seeds(profile)), "logs_dir": str(logs_dir),
            "rows": rows, "choices": choices, "pending": pending}
     if figures_dir is not None:
         write_selection(out, figures_dir)

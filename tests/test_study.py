@@ -15,7 +15,9 @@ def test_spec_is_the_protocol():
     spec = S.STUDY
     assert set(spec.methods) == set(METHODS)
     assert spec.tasks[:2] == ("mrpc", "cola") and set(spec.tasks) == set(S.EPOCHS)
-    assert not set(spec.selection_seeds) & {s for p in S.STUDY_SEEDS.values() for s in p}
+    selection = {s for p in spec.selection_seeds.values() for s in p}
+    assert not selection & {s for p in S.STUDY_SEEDS.values() for s in p}
+    assert len(spec.sel_seeds("cpu")) == 1 and len(spec.sel_seeds("gpu")) == 2
     assert len(spec.study_seeds["cpu"]) == 5 and len(spec.study_seeds["gpu"]) == 10
     for m, grid in spec.lr_grids.items():  # sorted, >= 3 points, log-spaced within 3x steps
         assert list(grid) == sorted(grid) and len(grid) >= 3, m
@@ -25,12 +27,16 @@ def test_spec_is_the_protocol():
 
 def test_configs_carry_the_spec():
     cfgs = S.lr_selection_configs(S.STUDY, "mrpc")
-    assert len(cfgs) == sum(len(g) for g in S.LR_GRIDS.values()) * len(S.SELECTION_SEEDS)
+    # no logs yet: the middle three lrs of every grid, one selection seed on the CPU
+    assert len(cfgs) == sum(min(3, len(g)) for g in S.LR_GRIDS.values())
+    assert {c.lr for c in cfgs if method_of(asdict(c)) == "orthogonal"} == {2e-3, 5e-3, 1e-2}
+    assert all(c.length_grouped and c.seed == 100 for c in cfgs)
     assert len({c.run_id for c in cfgs}) == len(cfgs)
     assert {method_of(asdict(c)) for c in cfgs} == set(METHODS)
     assert all(c.val_fraction == 0.1 and c.epochs == 5 and c.eval_every_steps == 25 and
                c.logs_dir == "logs/study_lr" and c.mixed_precision == "no" for c in cfgs)
     sst2 = S.lr_selection_configs(S.STUDY, "sst2", profile="gpu")
+    assert {c.seed for c in sst2} == {100, 101}
     assert all(c.subsample_train == 10_000 and c.epochs == 2 and c.mixed_precision == "bf16"
                and not c.checkpoint for c in sst2)
     chosen = {m: g[1] for m, g in S.LR_GRIDS.items()}
@@ -48,7 +54,8 @@ def test_configs_carry_the_spec():
 SPEC = replace(S.SMOKE, methods=("orthogonal", "svd", "full"),
                lr_grids={"orthogonal": (1e-3, 3e-3, 1e-2), "svd": (1e-3, 3e-3, 1e-2),
                          "full": (1e-5, 3e-5, 1e-4)},
-               selection_seeds=(100, 101), study_seeds={"cpu": (0, 1), "gpu": (0, 1)},
+               selection_seeds={"cpu": (100, 101), "gpu": (100, 101)},
+               study_seeds={"cpu": (0, 1), "gpu": (0, 1)},
                reference_seeds={"cpu": (0,), "gpu": (0,)})
 # val metric of a fake run: orthogonal peaks at 3e-3 (inside), svd rises to the top edge
 VAL = {"orthogonal": {1e-3: 0.70, 3e-3: 0.80, 1e-2: 0.75}, "svd": {1e-3: 0.6, 3e-3: 0.7, 1e-2: 0.8},
@@ -71,7 +78,7 @@ def test_select_lrs_picks_the_best_mean_and_flags_the_edge(tmp_path):
         fake_log(c)
     sel = S.select_lrs(lr_dir, SPEC, figures_dir=str(fig))
     assert sel["choices"] == {} and sel["pending"] == {"mrpc": f"{len(cfgs) - 1}/{len(cfgs)} "
-                                                               "lr runs finished"}
+                                                               "lr runs finished (brackets so far)"}
     fake_log(cfgs[-1], status="failed", value=float("nan"))  # full at 1e-4, seed 101 diverged
     sel = S.select_lrs(lr_dir, SPEC, figures_dir=str(fig))
     ch = sel["choices"]["mrpc"]
@@ -89,6 +96,47 @@ def test_select_lrs_picks_the_best_mean_and_flags_the_edge(tmp_path):
     main = S.study_configs(SPEC, S.read_selection(str(fig)), tasks=["mrpc"])
     assert {(method_of(asdict(c)), c.lr) for c in main} == {
         ("orthogonal", 3e-3), ("svd", 1e-2), ("full", 3e-5)}
+
+
+GRID = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
+
+
+@pytest.mark.parametrize("vals, expected", [
+    ({}, (2e-3, 5e-3, 1e-2)),  # nothing ran: the middle three
+    ({2e-3: 0.7, 5e-3: 0.8, 1e-2: None}, (2e-3, 5e-3, 1e-2)),  # one unfinished: wait
+    ({2e-3: 0.7, 5e-3: 0.8, 1e-2: 0.75}, (2e-3, 5e-3, 1e-2)),  # peak inside: done
+    ({2e-3: 0.8, 5e-3: 0.7, 1e-2: 0.6}, (1e-3, 2e-3, 5e-3, 1e-2)),  # best lowest: one below
+    ({1e-3: 0.9, 2e-3: 0.8, 5e-3: 0.7, 1e-2: 0.6}, GRID[:4]),  # the grid ends: done (edge)
+    ({2e-3: 0.6, 5e-3: 0.7, 1e-2: 0.8}, GRID[1:]),  # best highest: one above, not yet run
+    ({2e-3: 0.6, 5e-3: 0.7, 1e-2: 0.8, 2e-2: 0.75}, GRID[1:]),  # peak at 1e-2: done
+    ({2e-3: math.nan, 5e-3: math.nan, 1e-2: math.nan}, GRID[:4]),  # all failed: go lower
+    ({2e-3: 0.8, 5e-3: 0.8, 1e-2: 0.7}, GRID[:4]),  # tie: the smaller lr is the best
+])
+def test_lr_bracket_grows_towards_the_optimum(vals, expected):
+    assert S.lr_bracket(GRID, vals) == expected
+
+
+def test_lr_bracket_short_grids_and_no_start_run_whole():
+    assert S.lr_bracket(GRID[:3], {}) == GRID[:3]
+    assert S.lr_bracket(GRID, {}, start=None) == GRID
+
+
+def test_work_extends_a_bracket_and_selects_inside_it(tmp_path, fake_runs, monkeypatch):
+    """A 5-lr grid whose val metric rises to 1e-2 then falls: the worker runs the middle
+    three, then 2e-2 (never 1e-3), selects 1e-2 and runs the main grid there."""
+    monkeypatch.setitem(VAL, "orthogonal", {1e-3: 0.5, 2e-3: 0.6, 5e-3: 0.7, 1e-2: 0.8,
+                                            2e-2: 0.75})
+    spec = replace(SPEC, methods=("orthogonal",), lr_grids={"orthogonal": GRID},
+                   selection_seeds={"cpu": (100,), "gpu": (100,)})
+    dirs = {"lr": str(tmp_path / "lr"), "main": str(tmp_path / "main")}
+    S.work(spec, dirs=dirs, figures_dir=str(tmp_path / "fig"))
+    lr_runs = [r for r in fake_runs if r.endswith("s100")]
+    assert lr_runs == [f"mrpc-lorafa-orthogonal-r8-lr{x}-n64-lg-s100"
+                       for x in ("2e-03", "5e-03", "1e-02", "2e-02")]
+    assert fake_runs[len(lr_runs):] == ["mrpc-lorafa-orthogonal-r8-lr1e-02-n64-lg-s0",
+                                        "mrpc-lorafa-orthogonal-r8-lr1e-02-n64-lg-s1"]
+    ch = S.read_selection(str(tmp_path / "fig"))["mrpc"]["orthogonal"]
+    assert ch["lr"] == 1e-2 and ch["edge"] is None
 
 
 def test_every_lr_failed_leaves_the_method_out(tmp_path):
@@ -139,10 +187,10 @@ def test_work_runs_lr_then_main_at_the_selected_lrs(tmp_path, fake_runs):
     n_lr = len(S.lr_selection_configs(SPEC, "mrpc"))
     assert all(r.endswith(("s100", "s101")) for r in fake_runs[:n_lr])
     main = fake_runs[n_lr:]
-    assert main == ["mrpc-lorafa-orthogonal-r8-lr3e-03-n64-s0",
-                    "mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-s0", "mrpc-full-lr3e-05-n64-s0",
-                    "mrpc-lorafa-orthogonal-r8-lr3e-03-n64-s1",
-                    "mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-s1"]
+    assert main == ["mrpc-lorafa-orthogonal-r8-lr3e-03-n64-lg-s0",
+                    "mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-lg-s0", "mrpc-full-lr3e-05-n64-lg-s0",
+                    "mrpc-lorafa-orthogonal-r8-lr3e-03-n64-lg-s1",
+                    "mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-lg-s1"]
     assert (tmp_path / "fig" / "lr_selection.md").is_file()
     fake_runs.clear()
     S.work(SPEC, dirs=dirs, figures_dir=str(tmp_path / "fig"))  # resumed: nothing left
