@@ -112,6 +112,9 @@ def _run_row(path, h: dict) -> dict:
     preds = h.get("predictions")
     row["predictions"] = str(Path(path).parent / preds) if preds else None
     row["ax_rms"] = (h.get("adapter_stats") or {}).get("ax_rms")  # RMS of A·x at init
+    for split, rec in ((h.get("data") or {}).get("constant") or {}).items():
+        for k, v in rec.items():  # one constant prediction (majority class / mean score)
+            row[f"constant_{split}_{k}"] = v
     return row
 
 
@@ -120,7 +123,8 @@ def load_logs(logs_dir="logs") -> pd.DataFrame:
     method, the config columns, trainable params, steps, wall time, ``final_<m>`` /
     ``best_<m>`` (+ ``best_<m>_step``) over the evaluated split, and for schema 2
     ``test_<m>``, ``test_final_<m>``, ``selected_step``, ``predictions`` (path of the saved
-    test predictions) and ``ax_rms``."""
+    test predictions), ``ax_rms`` and ``constant_<split>_<m>`` (the metric of predicting
+    the training majority class, or mean score, for every example; logged since the study)."""
     return pd.DataFrame([_run_row(p, h) for p, h in iter_logs(logs_dir)])
 
 

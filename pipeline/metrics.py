@@ -39,6 +39,19 @@ def compute_metrics(task: str, preds, labels) -> dict:
     return out
 
 
+def constant_metrics(task: str, train_labels, labels) -> dict:
+    """The task metrics of one constant prediction for every example: the training rows'
+    majority class (ties: the smaller id), or for STS-B their mean score. The floor a run
+    that learned nothing sits on (figures draw it; MRPC accuracy ~0.68, F1 ~0.81)."""
+    train_labels = np.asarray(train_labels)
+    if get_task(task).is_regression:
+        const = float(train_labels.mean())
+    else:
+        ids, counts = np.unique(train_labels, return_counts=True)
+        const = int(ids[counts.argmax()])
+    return compute_metrics(task, np.full(len(labels), const), labels)
+
+
 def metrics_from_outputs(task: str, outputs, labels) -> dict:
     """Metrics from model outputs: logits (n, C) -> argmax class ids; STS-B scores (n,) as is."""
     outputs = np.asarray(outputs)

@@ -4,6 +4,7 @@
     plot_forest(stats.compare(runs))             # paired differences vs the baseline, 95% CIs
     plot_convergence(analysis.convergence(evals, runs))   # steps to target, censored marked
     plot_metric_vs(runs, x="lr")                 # a sweep: metric against a config value
+    plot_lr_curves(lr_runs, evals, "mrpc")       # the lr sweep's val curves, a panel a method
 
 Every method keeps one colour (``METHOD_COLORS``, in ``pipeline.methods`` order) and its
 label from ``pipeline.methods.label``.
@@ -41,9 +42,18 @@ def _sorted_groups(df, by):
                                                       else kv[0])) if by == ["method"] else groups
 
 
-def _chance_line(ax, metric):
+def _chance_line(ax, metric, runs: pd.DataFrame | None = None, split: str = "val"):
+    """The floor of a figure: 0 for correlation metrics, else the metric of predicting the
+    training majority class for every ``split`` example (``constant_<split>_<metric>``,
+    logged by the study's runs; one value, as they share the split), when known."""
     if metric in ZERO_AT_CHANCE:
         ax.axhline(0, color="0.3", lw=1, ls=":", label=f"chance ({metric} 0)")
+        return
+    col = f"constant_{split}_{metric}"
+    values = runs[col].dropna().unique() if runs is not None and col in runs else []
+    if len(values) == 1:
+        ax.axhline(values[0], color="0.3", lw=1, ls=":",
+                   label=f"majority class ({metric} {values[0]:.3f})")
 
 
 def _min_span(ax, span=0.1):
@@ -118,7 +128,7 @@ def plot_task(runs: pd.DataFrame, eval_curves: pd.DataFrame, train_curves: pd.Da
     if ev.empty:
         raise ValueError(f"no complete runs for task {task!r} yet: finish or resume them first")
     plot_curves(tr, "loss", by=(by,), ax=ax_loss, legend=False)
-    _chance_line(ax_dev, metric)
+    _chance_line(ax_dev, metric, r, split)
     plot_curves(ev, metric, by=(by,), ax=ax_dev, legend=False)
     _min_span(ax_dev)
     ax_loss.set_ylabel(f"train loss (mean of {smooth} steps)")
@@ -128,6 +138,39 @@ def plot_task(runs: pd.DataFrame, eval_curves: pd.DataFrame, train_curves: pd.Da
     fig.suptitle(title or f"{task_label(task)}: mean ± std over seeds (complete runs)")
     fig.tight_layout()
     _legend_below(fig, *ax_dev.get_legend_handles_labels())
+    return fig
+
+
+def plot_lr_curves(runs: pd.DataFrame, eval_curves: pd.DataFrame, task: str, ncols: int = 4,
+                   title: str | None = None):
+    """The lr sweep of one task as curves: a panel per method, its val metric vs optimizer
+    step at every lr that ran (mean ± std over the selection seeds, complete runs), the
+    majority-class floor, one shared y range. The check that the epochs suffice: the best
+    lr's curve must have flattened before the end."""
+    import matplotlib.pyplot as plt
+
+    r = complete(runs[runs["task"] == task])
+    if r.empty:
+        raise ValueError(f"no complete lr runs for task {task!r} yet")
+    metric = main_metric(r)
+    ev = eval_curves[eval_curves["run_id"].isin(r["run_id"]) &
+                     (eval_curves["metric"] == metric)]
+    methods = sorted(r["method"].unique(), key=method_order)
+    nrows = -(-len(methods) // ncols)
+    ncols = min(ncols, len(methods))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, m in zip(axes.flat, methods):
+        _chance_line(ax, metric, r, "val")
+        plot_curves(ev[ev["method"] == m], metric, by=("lr",), ax=ax, title=label(m))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"val {metric}")
+    for ax in list(axes.flat)[len(methods):]:
+        ax.set_visible(False)
+    _min_span(axes.flat[0])
+    fig.suptitle(title or f"{task_label(task)}: lr selection runs, val {metric} "
+                          "(mean ± std over selection seeds)")
+    fig.tight_layout()
     return fig
 
 
@@ -248,10 +291,10 @@ def plot_metric_vs(runs: pd.DataFrame, x: str = "lr", metric: str | None = None,
             ax.set_xscale("symlog", linthresh=float(nonzero.min()))
         else:
             ax.set_xscale("log")
-    _chance_line(ax, metric)
+    split = "dev" if (d["protocol"] == "pilot").all() else "val"
+    _chance_line(ax, metric, d if which in ("final", "best") else None, split)
     if "loss" not in metric:
         _min_span(ax)
-    split = "dev" if (d["protocol"] == "pilot").all() else "val"
     ax.set_xlabel(x)
     ax.set_ylabel(f"{split} {metric.removeprefix('dev_')} ({which})")
     if title:

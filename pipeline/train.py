@@ -32,7 +32,8 @@ from .config import NON_SEMANTIC, VARIANTS, RunConfig, fmt_float  # noqa: F401 (
 from .data import (HUB, epoch_order, get_task, global_batches, length_grouped_batches,
                    load_examples, make_collator, resolve_glue_dir, shard, split_sha, tokenize,
                    train_val_split)
-from .metrics import adapter_input_rms, compute_metrics, evaluate, per_example_loss  # noqa: F401
+from .metrics import (adapter_input_rms, compute_metrics, constant_metrics,  # noqa: F401
+                      evaluate, per_example_loss)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -64,6 +65,9 @@ def load_splits(cfg: RunConfig, tokenizer):
             "dev_split": cfg.dev_split, "split_seed": cfg.split_seed,
             "val_fraction": cfg.val_fraction,
             "val_ids_sha": split_sha(val_idx) if val_idx else None}
+    train_labels = [f["labels"] for f in train_f]
+    info["constant"] = {name: constant_metrics(cfg.task, train_labels, [f["labels"] for f in fs])
+                        for name, fs in (("val", val_f), ("test", test_f)) if fs}
     return train_f, val_f, test_f, info
 
 
@@ -243,6 +247,7 @@ def run_experiment(config: RunConfig, on_end=None) -> dict:
         start_epoch, step = state["epoch"], state["step"]
         history = L.resumed_history(state["history"], old, start_epoch)
         history["env"] = env
+        history["data"].setdefault("constant", data_info["constant"])  # older checkpoints
         if main and not cfg.quiet:
             print(f"[{cfg.run_id}] resuming from {ckpt} (epoch {start_epoch}, step {step})")
     write = L.LogWriter(path, history["wall_time_s"], t_session, enabled=main)

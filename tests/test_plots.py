@@ -75,6 +75,29 @@ def test_chance_line_for_matthews(tmp_path):
     assert [list(ln.get_ydata()) for ln in ax.lines] == [[0, 0]]
 
 
+def test_majority_line_from_the_logged_constant_prediction(study):
+    runs = A.load_logs(study).assign(constant_val_accuracy=0.68)
+    fig = P.plot_task(runs, A.load_curves(study), A.load_curves(study, "train"), "mrpc")
+    floor = [ln for ln in fig.axes[1].lines if list(ln.get_ydata()) == [0.68, 0.68]]
+    assert len(floor) == 1 and "majority class" in floor[0].get_label()
+    ax = matplotlib.pyplot.figure().gca()
+    P._chance_line(ax, "accuracy", runs.assign(constant_val_accuracy=[0.6] + [0.7] * 6))
+    assert not ax.lines  # runs on different val splits: no single floor to draw
+
+
+def test_plot_lr_curves_a_panel_per_method_a_line_per_lr(study):
+    write_run(study, "orthogonal", 0, [0.5, 0.6, 0.65], lr=1e-3)
+    runs = A.load_logs(study).assign(constant_val_accuracy=0.5)
+    fig = P.plot_lr_curves(runs, A.load_curves(study), "mrpc")
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["LoRA-FA orthogonal", "LoRA-FA svd (S in B)",
+                                                 "LoRA-FA gradient"]
+    labels = [t.get_text() for t in panels[0].get_legend().get_texts()]
+    assert labels == ["majority class (accuracy 0.500)", "lr=0.001 (n=1)", "lr=0.005 (n=3)"]
+    with pytest.raises(ValueError, match="no complete lr runs"):
+        P.plot_lr_curves(runs, A.load_curves(study), "cola")
+
+
 def test_plot_metric_vs_one_line_per_method(study):
     write_run(study, "svd", 0, [0.5], lr=1e-3)
     ax = P.plot_metric_vs(A.load_logs(study), x="lr", which="best")

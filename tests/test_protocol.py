@@ -88,6 +88,16 @@ def test_predictions_recompute_the_logged_test_metric(glue_dir, tmp_path, tiny_b
         assert z["label"].tolist() == [e["label"] for e in dev]
         at_best = {k: v for k, v in h["test"]["at_best"].items() if k not in ("step", "loss")}
         assert metrics_from_outputs(task, z["pred"], z["label"]) == at_best  # exactly
+        # the floor the figures draw: one constant prediction from the training labels
+        train = load_examples(task, "train", glue_dir, 40)
+        labels = np.array([e["label"] for e in train])
+        const = h["data"]["constant"]["test"]
+        if task == "mrpc":
+            majority = np.bincount(labels[labels >= 0]).argmax()
+            assert {"val", "test"} <= set(h["data"]["constant"])
+            assert const["accuracy"] == pytest.approx(np.mean(z["label"] == majority))
+        else:
+            assert const == {"pearson": 0.0, "spearman": 0.0}
 
 
 def test_no_predictions_when_not_asked_and_pilot_protocol(glue_dir, tmp_path, tiny_bert_dir):

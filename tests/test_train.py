@@ -16,6 +16,7 @@ import torch
 
 from pipeline import logs as L
 from pipeline import train as T
+from pipeline.metrics import constant_metrics
 from pipeline.train import RunConfig, compute_metrics, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,16 @@ def test_metrics_hand_checked():
     assert compute_metrics("stsb", [4, 3, 2, 1], [1, 2, 3, 5])["spearman"] == -1.0
     assert compute_metrics("stsb", [2, 2, 2, 2], [1, 2, 3, 5])["pearson"] == 0.0  # not NaN
     assert compute_metrics("rte", [0, 1, 1], [0, 1, 0]) == {"accuracy": pytest.approx(2 / 3)}
+
+
+def test_constant_metrics_majority_class_and_mean_score():
+    # train: 3 ones, 1 zero -> predict 1; labels 1 0 0: accuracy 1/3, F1 2*1/(2*1+2) = 0.5
+    assert constant_metrics("mrpc", [1, 1, 0, 1], [1, 0, 0]) == {
+        "accuracy": pytest.approx(1 / 3), "f1": pytest.approx(0.5)}
+    assert constant_metrics("rte", [0, 1], [0, 0, 1]) == {"accuracy": pytest.approx(2 / 3)}  # tie: 0
+    assert constant_metrics("cola", [0, 1, 1], [0, 1]) == {"matthews": 0.0}
+    assert constant_metrics("stsb", [1.0, 3.0], [0.5, 4.0, 2.0]) == {"pearson": 0.0,
+                                                                   "spearman": 0.0}
 
 
 # ---------------------------------------------------------------- every variant on MiniLM
