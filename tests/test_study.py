@@ -25,8 +25,10 @@ def test_spec_is_the_protocol():
     assert spec.lr_grids["orthogonal"][0] == 1e-3 and spec.lr_grids["orthogonal"][-1] == 2e-2
 
 
-def test_configs_carry_the_spec():
-    cfgs = S.lr_selection_configs(S.STUDY, "mrpc")
+def test_configs_carry_the_spec(tmp_path):
+    lr_dir = str(tmp_path / "lr")  # not logs/study_lr: its committed runs grow brackets
+    assert S.LOGS["lr"] == "logs/study_lr"
+    cfgs = S.lr_selection_configs(S.STUDY, "mrpc", lr_dir)
     # no logs yet: the middle three lrs of every grid, one selection seed on the CPU
     assert len(cfgs) == sum(min(3, len(g)) for g in S.LR_GRIDS.values())
     assert {c.lr for c in cfgs if method_of(asdict(c)) == "orthogonal"} == {2e-3, 5e-3, 1e-2}
@@ -34,8 +36,8 @@ def test_configs_carry_the_spec():
     assert len({c.run_id for c in cfgs}) == len(cfgs)
     assert {method_of(asdict(c)) for c in cfgs} == set(METHODS)
     assert all(c.val_fraction == 0.1 and c.epochs == 5 and c.eval_every_steps == 25 and
-               c.logs_dir == "logs/study_lr" and c.mixed_precision == "no" for c in cfgs)
-    sst2 = S.lr_selection_configs(S.STUDY, "sst2", profile="gpu")
+               c.logs_dir == lr_dir and c.mixed_precision == "no" for c in cfgs)
+    sst2 = S.lr_selection_configs(S.STUDY, "sst2", lr_dir, profile="gpu")
     assert {c.seed for c in sst2} == {100, 101}
     assert all(c.subsample_train == 10_000 and c.epochs == 2 and c.mixed_precision == "bf16"
                and not c.checkpoint for c in sst2)
