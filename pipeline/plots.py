@@ -153,8 +153,7 @@ def plot_lr_curves(runs: pd.DataFrame, eval_curves: pd.DataFrame, task: str, nco
     if r.empty:
         raise ValueError(f"no complete lr runs for task {task!r} yet")
     metric = main_metric(r)
-    ev = eval_curves[eval_curves["run_id"].isin(r["run_id"]) &
-                     (eval_curves["metric"] == metric)]
+    ev = eval_curves[eval_curves["run_id"].isin(r["run_id"])]
     methods = sorted(r["method"].unique(), key=method_order)
     nrows = -(-len(methods) // ncols)
     ncols = min(ncols, len(methods))

@@ -295,12 +295,13 @@ def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
                 hs = logs[lr]
                 ok = [h for h in hs if h["status"] == "complete" and h.get("selection")]
                 vals = [h["selection"]["value"] for h in ok]
-                mean = statistics.fmean(vals) if len(ok) == len(hs) else None
+                mean = _mean_val(hs)  # every lr of a final bracket has finished: a float
+                mean = mean if math.isfinite(mean) else None  # a seed failed
                 axs = [a for a in map(_ax_rms, ok) if a is not None]
                 rows.append(dict(task=task, method=m, lr=lr, metric=hs[0].get("main_metric"),
                                  mean=mean, values=vals, n=len(ok), n_failed=len(hs) - len(ok),
                                  ax_rms=statistics.fmean(axs) if axs else None, chosen=False))
-                if mean is not None and math.isfinite(mean):
+                if mean is not None:
                     cands.append((mean, lr, rows[-1]))
             if not cands:
                 choices[task][m] = dict(lr=None, note="every lr failed: extend the grid down")
