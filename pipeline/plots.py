@@ -71,10 +71,12 @@ def _legend_below(fig, handles, labels, ncol=3):
 
 
 def plot_curves(curves: pd.DataFrame, metric: str, by=("method",), x="step", ax=None,
-                title: str | None = None, band: bool = True, legend: bool = True):
+                title: str | None = None, band: bool = True, legend: bool = True,
+                colors: dict | None = None):
     """One line per group of ``by`` (mean over the remaining runs, i.e. seeds) with a
     mean ± std band and the group's seed count. Filter ``curves`` to one task (and one
-    configuration per group) first so groups are comparable."""
+    configuration per group) first so groups are comparable. ``colors``: group key -> colour
+    (default: the method's colour when grouping by method, else matplotlib's cycle)."""
     import matplotlib.pyplot as plt
 
     by = _as_list(by)
@@ -83,8 +85,8 @@ def plot_curves(curves: pd.DataFrame, metric: str, by=("method",), x="step", ax=
         _, ax = plt.subplots(figsize=(6, 4))
     for j, (key, g) in enumerate(_sorted_groups(stats, by)):
         name = _name(by, key)
-        color = METHOD_COLORS.get(key[0] if isinstance(key, tuple) else key) \
-            if by == ["method"] else None
+        k0 = key[0] if isinstance(key, tuple) else key
+        color = (colors or (METHOD_COLORS if by == ["method"] else {})).get(k0)
         # per-step train loss: no markers (they would hide the line); eval points: a distinct,
         # shrinking marker per group, so identical lines (two runs at chance) stay visible
         dense = len(g) > 60
@@ -157,11 +159,16 @@ def plot_lr_curves(runs: pd.DataFrame, eval_curves: pd.DataFrame, task: str, nco
     methods = sorted(r["method"].unique(), key=method_order)
     nrows = -(-len(methods) // ncols)
     ncols = min(ncols, len(methods))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False,
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 4 * nrows), squeeze=False,
                              sharex=True, sharey=True)
+    lrs = sorted(r["lr"].unique())  # one colour per lr in every panel
+    colors = {lr: f"C{i % 10}" for i, lr in enumerate(lrs)}
     for ax, m in zip(axes.flat, methods):
         _chance_line(ax, metric, r, "val")
-        plot_curves(ev[ev["method"] == m], metric, by=("lr",), ax=ax, title=label(m))
+        plot_curves(ev[ev["method"] == m], metric, by=("lr",), ax=ax, title=label(m),
+                    colors=colors, legend=False)
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.28),
+                  ncol=2, frameon=False)  # under the panel: never over a curve
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"val {metric}")
     for ax in list(axes.flat)[len(methods):]:

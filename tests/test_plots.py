@@ -94,6 +94,10 @@ def test_plot_lr_curves_a_panel_per_method_a_line_per_lr(study):
                                                  "LoRA-FA gradient"]
     labels = [t.get_text() for t in panels[0].get_legend().get_texts()]
     assert labels == ["majority class (accuracy 0.500)", "lr=0.001 (n=1)", "lr=0.005 (n=3)"]
+    color = {(i, ln.get_label()): ln.get_color() for i, ax in enumerate(panels)
+             for ln in ax.lines}
+    assert color[0, "lr=0.005 (n=3)"] == color[1, "lr=0.005 (n=3)"]  # an lr: one colour
+    assert color[0, "lr=0.001 (n=1)"] != color[0, "lr=0.005 (n=3)"]
     with pytest.raises(ValueError, match="no complete lr runs"):
         P.plot_lr_curves(runs, A.load_curves(study), "cola")
 
