@@ -205,20 +205,17 @@ def study_configs(spec: Study, selected_lrs: dict, seeds=None, tasks=None,
     """The main grid: per task (priority order), seed by seed, every method at its selected lr.
     ``selected_lrs``: {task: {method: lr or {"lr": lr, ...}}} (``select_lrs()["choices"]``);
     ``seeds``: the same seeds for every method (default: the profile's, fewer for references).
-    A method with no selected lr (every lr failed) is left out."""
+    A method with no selected lr (every lr failed) or no choice yet (its bracket is open) is
+    left out: it joins once ``select_lrs`` chooses, and pairs by seed then."""
     out = []
     for task in tasks or spec.tasks:
         chosen = selected_lrs.get(task)
         if not chosen:
             raise ValueError(f"no lrs selected for {task}: run `python -m pipeline.study lr "
                              f"--tasks {task}` then `select` first")
-        missing = [m for m in spec.methods if m not in chosen]
-        if missing:
-            raise ValueError(f"the lr selection of {task} lacks methods {missing}: rerun "
-                             "`python -m pipeline.study select` once its lr runs are complete")
         all_seeds = sorted({s for m in spec.methods for s in (seeds or spec.seeds(m, profile))})
         for seed in all_seeds:
-            for m in spec.methods:
+            for m in filter(chosen.__contains__, spec.methods):
                 lr = chosen[m]["lr"] if isinstance(chosen[m], dict) else chosen[m]
                 if lr is not None and seed in (seeds or spec.seeds(m, profile)):
                     out.append(run_config(spec, task, m, lr, seed, logs_dir, profile,
@@ -274,45 +271,53 @@ def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
                figures_dir: str | None = FIGURES, profile: str = "cpu", **overrides) -> dict:
     """Mean val metric at the val-best step per (task, method, lr) over the selection seeds,
     and the best lr per (task, method) among its bracket (``lr_bracket``). An lr counts only
-    when every selection seed completed; a task is pending until every bracket is final; a
-    choice at the edge of the whole grid is flagged ('extend the grid'). Writes
-    ``<figures_dir>/lr_selection.md`` and ``.json`` (the json is what the main grid reads)
-    unless ``figures_dir`` is None. Returns {"rows", "choices", "pending"}."""
+    when every selection seed finished; a method is selected once its bracket is final (so
+    its main-grid runs can start while other brackets still grow); a choice at the edge of
+    the whole grid is flagged ('extend the grid'). Writes ``<figures_dir>/lr_selection.md``
+    and ``.json`` (the json is what the main grid reads) unless ``figures_dir`` is None.
+    Returns {"rows", "choices", "pending"}: choices {task: {method: choice}} of the final
+    brackets only, pending {task: why} while a bracket of the task is open."""
     rows, choices, pending = [], {}, {}
     for task in tasks or spec.tasks:
         br = brackets(spec, task, logs_dir, profile, **overrides)
         n_runs = sum(len(lrs) * len(spec.sel_seeds(profile)) for lrs, _ in br.values())
         n_done = sum(_finished(h) for lrs, logs in br.values() for lr in lrs for h in logs[lr])
-        if n_done < n_runs:
-            pending[task] = f"{n_done}/{n_runs} lr runs finished (brackets so far)"
-            continue
-        choices[task] = {}
+        task_choices, open_ = {}, []
         for m in spec.methods:
             grid = spec.lr_grids[m]
             lrs, logs = br[m]
+            means = {lr: _mean_val(logs[lr]) for lr in lrs}  # None: a seed is unfinished
             cands = []
-            for lr in lrs:
-                hs = logs[lr]
-                ok = [h for h in hs if h["status"] == "complete" and h.get("selection")]
-                vals = [h["selection"]["value"] for h in ok]
-                mean = _mean_val(hs)  # every lr of a final bracket has finished: a float
+            for lr, mean in means.items():
+                if mean is None:
+                    continue
+                ok = [h for h in logs[lr] if h["status"] == "complete" and h.get("selection")]
                 mean = mean if math.isfinite(mean) else None  # a seed failed
                 axs = [a for a in map(_ax_rms, ok) if a is not None]
-                rows.append(dict(task=task, method=m, lr=lr, metric=hs[0].get("main_metric"),
-                                 mean=mean, values=vals, n=len(ok), n_failed=len(hs) - len(ok),
-                                 ax_rms=statistics.fmean(axs) if axs else None, chosen=False))
+                rows.append(dict(task=task, method=m, lr=lr, metric=logs[lr][0].get("main_metric"),
+                                 mean=mean, values=[h["selection"]["value"] for h in ok],
+                                 n=len(ok), n_failed=len(logs[lr]) - len(ok), chosen=False,
+                                 ax_rms=statistics.fmean(axs) if axs else None))
                 if mean is not None:
                     cands.append((mean, lr, rows[-1]))
+            if None in means.values():
+                open_.append(m)  # the bracket still runs (and may grow): no choice yet
+                continue
             if not cands:
-                choices[task][m] = dict(lr=None, note="every lr failed: extend the grid down")
+                task_choices[m] = dict(lr=None, note="every lr failed: extend the grid down")
                 continue
             mean, lr, row = max(cands, key=lambda t: t[0])  # ties: the smaller lr
             row["chosen"] = True
             edge = None if len(grid) == 1 else ("lowest" if lr == min(grid) else
                                                 "highest" if lr == max(grid) else None)
-            choices[task][m] = dict(lr=lr, val=mean, metric=row["metric"], ax_rms=row["ax_rms"],
-                                    edge=edge, note=f"at the {edge} lr of the grid: extend the "
-                                                    "grid" if edge else "")
+            task_choices[m] = dict(lr=lr, val=mean, metric=row["metric"], ax_rms=row["ax_rms"],
+                                   edge=edge, note=f"at the {edge} lr of the grid: extend the "
+                                                   "grid" if edge else "")
+        if task_choices:
+            choices[task] = task_choices
+        if open_:
+            which = "every method" if len(open_) == len(spec.methods) else ", ".join(open_)
+            pending[task] = f"{n_done}/{n_runs} lr runs finished (brackets so far); open: {which}"
     out = {"selection_seeds": list(spec.sel_seeds(profile)), "logs_dir": str(logs_dir),
            "rows": rows, "choices": choices, "pending": pending}
     if figures_dir is not None:
@@ -340,7 +345,7 @@ def selection_markdown(sel: dict) -> str:
                        f"{_fmt(c.get('val'))} {c.get('metric') or ''} | "
                        f"{_fmt(c.get('ax_rms'), '{:.3g}')} | {c['note']} |")
     for task, why in sel["pending"].items():
-        out.append(f"| {task} | (all) | – | – | – | not selected yet: {why} |")
+        out.append(f"| {task} | (the rest) | – | – | – | not selected yet: {why} |")
     out += ["", "## Every lr", "", "| task | method | lr | val mean | seeds | failed | ‖A·x‖ |",
             "|---|---|---|---|---|---|---|"]
     for r in sel["rows"]:
@@ -356,6 +361,8 @@ def write_selection(sel: dict, figures_dir: str = FIGURES) -> tuple[Path, Path]:
     folder = Path(figures_dir)
     folder.mkdir(parents=True, exist_ok=True)
     js, md = folder / "lr_selection.json", folder / "lr_selection.md"
+    if md.is_file() and js.is_file() and json.loads(js.read_text()) == json.loads(json.dumps(sel)):
+        return js, md  # unchanged (workers call this after every run)
     L.atomic_write_json(sel, js)
     text = selection_markdown(sel)
     from lora.io import atomic_write
@@ -399,20 +406,25 @@ class _Worker:
             return c
         return None
 
-    def _choices(self, task):
+    def _choices(self, task) -> dict:
+        """{task: {method: choice}} of the methods selected so far ({} if none); cached once
+        every bracket of the task is final."""
         if task not in self.chosen:
-            if "lr" in self.phases:  # 'all': select from the logs once the task's sweep is done
-                select_lrs(self.dirs["lr"], self.spec, self.tasks, self.figures_dir,
-                           self.profile, **self.overrides)  # the table so far, every task
-                sel = select_lrs(self.dirs["lr"], self.spec, [task], None, self.profile,
-                                 **self.overrides)["choices"]
+            if "lr" in self.phases:  # 'all': select from the logs as the brackets close
+                sel = select_lrs(self.dirs["lr"], self.spec, self.tasks, self.figures_dir,
+                                 self.profile, **self.overrides)  # the table so far, every task
+                choice, final = sel["choices"].get(task), task not in sel["pending"]
             else:
-                sel = read_selection(self.figures_dir)
-            self.chosen[task] = sel.get(task)
+                choice, final = read_selection(self.figures_dir).get(task), False
+            if not final:
+                return {task: choice} if choice else {}
+            self.chosen[task] = choice
         return {task: self.chosen[task]} if self.chosen[task] else {}
 
     def next(self):
-        """(next config or None, whether this worker waits on other workers' lr runs)."""
+        """(next config or None, whether this worker waits on other workers' lr runs). Per
+        task: its lr runs; while other workers run the last of them, the main-grid runs of the
+        methods already selected."""
         waiting = False
         for task in self.tasks:
             lr_cfgs = lr_selection_configs(self.spec, task, self.dirs["lr"], self.profile,
@@ -423,9 +435,11 @@ class _Worker:
                     return cfg, waiting
                 if "main" in self.phases and self._todo(lr_cfgs, share=False) is not None:
                     waiting = True
-                    continue
             if "main" in self.phases:
-                main = study_configs(self.spec, self._choices(task), tasks=[task],
+                chosen = self._choices(task)
+                if not chosen and "lr" in self.phases:
+                    continue  # nothing selected yet: the next task meanwhile
+                main = study_configs(self.spec, chosen, tasks=[task],
                                      logs_dir=self.dirs["main"], profile=self.profile,
                                      **self.overrides)
                 cfg = self._todo(main)

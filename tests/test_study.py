@@ -78,9 +78,14 @@ def test_select_lrs_picks_the_best_mean_and_flags_the_edge(tmp_path):
     cfgs = S.lr_selection_configs(SPEC, "mrpc", lr_dir)
     for c in cfgs[:-1]:
         fake_log(c)
-    sel = S.select_lrs(lr_dir, SPEC, figures_dir=str(fig))
-    assert sel["choices"] == {} and sel["pending"] == {"mrpc": f"{len(cfgs) - 1}/{len(cfgs)} "
-                                                               "lr runs finished (brackets so far)"}
+    sel = S.select_lrs(lr_dir, SPEC, figures_dir=str(fig))  # full's bracket is still open
+    assert set(sel["choices"]["mrpc"]) == {"orthogonal", "svd"}
+    assert sel["pending"] == {"mrpc": f"{len(cfgs) - 1}/{len(cfgs)} lr runs finished "
+                                      "(brackets so far); open: full"}
+    assert {(r["method"], r["lr"]) for r in sel["rows"] if r["method"] == "full"} == {
+        ("full", 1e-5), ("full", 3e-5)}  # rows of the open bracket's finished lrs, no choice
+    assert not any(r["chosen"] for r in sel["rows"] if r["method"] == "full")
+    assert "not selected yet" in (fig / "lr_selection.md").read_text()
     fake_log(cfgs[-1], status="failed", value=float("nan"))  # full at 1e-4, seed 101 diverged
     sel = S.select_lrs(lr_dir, SPEC, figures_dir=str(fig))
     ch = sel["choices"]["mrpc"]
@@ -222,6 +227,39 @@ def test_work_without_shards_skips_runs_another_worker_claimed(tmp_path, fake_ru
     S.work(SPEC, dirs=dirs, figures_dir=None, poll_s=0.01)
     assert fake_runs[:len(lr_ids) - 2] == [r for r in lr_ids if r not in (lr_ids[0], lr_ids[5])]
     assert len(fake_runs) == len(lr_ids) - 2 + 5  # and the whole main grid
+
+
+def test_work_runs_the_selected_methods_while_another_worker_ends_a_bracket(tmp_path,
+                                                                            monkeypatch):
+    """The last lr run of one method is another worker's: meanwhile this worker runs the main
+    grid of the methods already selected (no idle polling), and the late method joins."""
+    import time
+
+    import pipeline.sweep
+
+    dirs = {"lr": str(tmp_path / "lr"), "main": str(tmp_path / "main")}
+    held = S.lr_selection_configs(SPEC, "mrpc", dirs["lr"])[-1]
+    assert method_of(asdict(held)) == "full"
+    order = []
+
+    def run_configs(configs, *a, **k):
+        c, = configs
+        if c.run_id == held.run_id:
+            return [{"run_id": c.run_id, "status": "locked", "skipped": True}]
+        order.append(c.run_id)
+        fake_log(c)
+        if sum(not r.endswith(("s100", "s101")) for r in order) == 3:
+            fake_log(held)  # the other worker finishes full's bracket now
+        return [{"run_id": c.run_id, "status": "complete", "skipped": False}]
+
+    monkeypatch.setattr(pipeline.sweep, "run_configs", run_configs)
+    S.work(SPEC, dirs=dirs, figures_dir=None, poll_s=0.01, deadline=time.time() + 60)
+    main = [r for r in order if not r.endswith(("s100", "s101"))]
+    assert main == ["mrpc-lorafa-orthogonal-r8-lr3e-03-n64-lg-s0",
+                    "mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-lg-s0",
+                    "mrpc-lorafa-orthogonal-r8-lr3e-03-n64-lg-s1",
+                    "mrpc-full-lr3e-05-n64-lg-s0",  # selected once its bracket closed
+                    "mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-lg-s1"]
 
 
 def test_cli_rejects_a_task_outside_the_study(capsys):
