@@ -11,7 +11,7 @@ is the test set, reported at the val-best step.
     python -m pipeline.study lr     [--tasks mrpc cola] [--shard K/N]   # lr-selection runs
     python -m pipeline.study select                                     # figures/lr_selection.*
     python -m pipeline.study main   [--tasks ...] [--shard K/N]         # the main grid
-    python -m pipeline.study all    [--deadline-s S]   # lr -> select -> main, task by task
+    python -m pipeline.study all    [--deadline-s S]   # per task, method by method: lr -> main
     (--smoke: a tiny study for tests; --gpu: the GPU profile; --dry-run: list, run nothing)
 
 Several workers share the study without --shard too: each takes the next run that no live
@@ -29,11 +29,11 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import logs as L
-from .methods import METHODS
+from .methods import METHODS, method_of
 from .sweep import parse_shard
 
 # ---------------------------------------------------------------- the spec (fixed before results)
@@ -381,9 +381,10 @@ def read_selection(figures_dir: str = FIGURES) -> dict:
 
 # ---------------------------------------------------------------- running it
 class _Worker:
-    """Picks this worker's next run in priority order. Per task: its lr runs, then (once every
-    lr run of the task, all shards, has finished) the main grid at the selected lrs; a worker
-    whose lr share is done while others still run theirs goes on to the next task meanwhile."""
+    """Picks this worker's next run in priority order: task by task, and within a task method
+    by method, the lr runs then (once the method's bracket is final, all shards) its main grid
+    at the selected lr; a worker whose share of a task is done while others still run its
+    last lr runs goes on to the next task meanwhile."""
 
     def __init__(self, spec, tasks, phases, dirs, shard, profile, figures_dir, overrides):
         self.spec, self.tasks, self.phases, self.dirs = spec, tasks, phases, dirs
@@ -423,28 +424,27 @@ class _Worker:
 
     def next(self):
         """(next config or None, whether this worker waits on other workers' lr runs). Per
-        task: its lr runs; while other workers run the last of them, the main-grid runs of the
-        methods already selected."""
+        task, method by method in the spec's order: the method's lr runs, then (once its
+        bracket is final) its main grid, so a study cut short has answered its first methods
+        at every seed. A method whose last lr runs other workers hold is passed over meanwhile."""
         waiting = False
         for task in self.tasks:
-            lr_cfgs = lr_selection_configs(self.spec, task, self.dirs["lr"], self.profile,
-                                           **self.overrides)
-            if "lr" in self.phases:
-                cfg = self._todo(lr_cfgs)
-                if cfg is not None:
-                    return cfg, waiting
-                if "main" in self.phases and self._todo(lr_cfgs, share=False) is not None:
-                    waiting = True
+            lr_cfgs = (lr_selection_configs(self.spec, task, self.dirs["lr"], self.profile,
+                                            **self.overrides) if "lr" in self.phases else [])
+            main = []
             if "main" in self.phases:
                 chosen = self._choices(task)
-                if not chosen and "lr" in self.phases:
-                    continue  # nothing selected yet: the next task meanwhile
-                main = study_configs(self.spec, chosen, tasks=[task],
-                                     logs_dir=self.dirs["main"], profile=self.profile,
-                                     **self.overrides)
-                cfg = self._todo(main)
-                if cfg is not None:
-                    return cfg, waiting
+                if chosen or "lr" not in self.phases:  # main alone needs a selection
+                    main = study_configs(self.spec, chosen, tasks=[task],
+                                         logs_dir=self.dirs["main"], profile=self.profile,
+                                         **self.overrides)
+            rank = {m: i for i, m in enumerate(self.spec.methods)}
+            queue = sorted(lr_cfgs + main, key=lambda c: rank[method_of(asdict(c))])  # stable
+            cfg = self._todo(queue)
+            if cfg is not None:
+                return cfg, waiting
+            if "main" in self.phases and self._todo(lr_cfgs, share=False) is not None:
+                waiting = True  # other workers' lr runs decide the rest of this task
         return None, waiting
 
 

@@ -188,20 +188,32 @@ def fake_runs(monkeypatch):
     return order
 
 
-def test_work_runs_lr_then_main_at_the_selected_lrs(tmp_path, fake_runs):
+def test_work_runs_each_method_lr_then_main_in_priority_order(tmp_path, fake_runs):
     dirs = {"lr": str(tmp_path / "lr"), "main": str(tmp_path / "main")}
     S.work(SPEC, dirs=dirs, figures_dir=str(tmp_path / "fig"))
-    n_lr = len(S.lr_selection_configs(SPEC, "mrpc"))
-    assert all(r.endswith(("s100", "s101")) for r in fake_runs[:n_lr])
-    main = fake_runs[n_lr:]
-    assert main == ["mrpc-lorafa-orthogonal-r8-lr3e-03-n64-lg-s0",
-                    "mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-lg-s0", "mrpc-full-lr3e-05-n64-lg-s0",
-                    "mrpc-lorafa-orthogonal-r8-lr3e-03-n64-lg-s1",
-                    "mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-lg-s1"]
+    lr_ids = [c.run_id for c in S.lr_selection_configs(SPEC, "mrpc", dirs["lr"])]
+
+    def lr_of(m):  # a method's lr runs, seed by seed
+        return [r for r in lr_ids if f"-{m}-" in r]
+
+    assert fake_runs == (
+        lr_of("orthogonal") + ["mrpc-lorafa-orthogonal-r8-lr3e-03-n64-lg-s0",
+                               "mrpc-lorafa-orthogonal-r8-lr3e-03-n64-lg-s1"]
+        + lr_of("svd") + ["mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-lg-s0",
+                          "mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-lg-s1"]
+        + [r for r in lr_ids if r.startswith("mrpc-full-")] + ["mrpc-full-lr3e-05-n64-lg-s0"])
+    assert len(lr_ids) == 3 * 3 * 2 and lr_of("orthogonal")[0].endswith("lr1e-03-n64-lg-s100")
     assert (tmp_path / "fig" / "lr_selection.md").is_file()
     fake_runs.clear()
     S.work(SPEC, dirs=dirs, figures_dir=str(tmp_path / "fig"))  # resumed: nothing left
     assert fake_runs == []
+
+
+def by_method(ids):
+    """Run ids in the worker's order: method by method (stable)."""
+    rank = {m: i for i, m in enumerate(SPEC.methods)}
+    return sorted(ids, key=lambda r: rank["full" if r.startswith("mrpc-full") else
+                                           r.split("-")[2]])
 
 
 def test_work_shards_split_without_overlap_and_deadline_stops(tmp_path, fake_runs):
@@ -210,36 +222,43 @@ def test_work_shards_split_without_overlap_and_deadline_stops(tmp_path, fake_run
     assert fake_runs == []  # a passed deadline launches nothing
     S.work(SPEC, phases=("lr",), dirs=dirs, shard=(0, 2), figures_dir=None)
     first = list(fake_runs)
-    assert first == [c.run_id for c in S.lr_selection_configs(SPEC, "mrpc")][0::2]
-    # worker 1 of 2, 'all': its lr share, then (worker 0's share is done) its main share
+    lr_ids = [c.run_id for c in S.lr_selection_configs(SPEC, "mrpc", dirs["lr"])]
+    assert first == by_method(lr_ids)[0::2]
+    # worker 1 of 2, 'all': its lr share and its share of the main grid; then worker 0's
+    # 'all' finds only main runs left: together every run exactly once
     fake_runs.clear()
     S.work(SPEC, dirs=dirs, shard=(1, 2), figures_dir=str(tmp_path / "fig"))
-    lr_ids = [c.run_id for c in S.lr_selection_configs(SPEC, "mrpc")]
-    assert fake_runs[:len(lr_ids[1::2])] == lr_ids[1::2]
-    assert not set(first) & set(fake_runs)
-    assert len(fake_runs) == len(lr_ids[1::2]) + 2  # main runs 1 and 3 of 5
+    second = list(fake_runs)
+    assert set(second) >= set(lr_ids) - set(first) and not set(first) & set(second)
+    fake_runs.clear()
+    S.work(SPEC, dirs=dirs, shard=(0, 2), figures_dir=str(tmp_path / "fig"))
+    runs = first + second + list(fake_runs)
+    assert len(runs) == len(set(runs)) == len(lr_ids) + 5  # 2 + 2 + 1 main runs
 
 
 def test_work_without_shards_skips_runs_another_worker_claimed(tmp_path, fake_runs):
     dirs = {"lr": str(tmp_path / "lr"), "main": str(tmp_path / "main")}
-    lr_ids = [c.run_id for c in S.lr_selection_configs(SPEC, "mrpc")]
-    fake_runs.held_by_another.update({lr_ids[0], lr_ids[5]})
+    lr_ids = [c.run_id for c in S.lr_selection_configs(SPEC, "mrpc", dirs["lr"])]
+    held = {lr_ids[0], lr_ids[5]}
+    fake_runs.held_by_another.update(held)
     S.work(SPEC, dirs=dirs, figures_dir=None, poll_s=0.01)
-    assert fake_runs[:len(lr_ids) - 2] == [r for r in lr_ids if r not in (lr_ids[0], lr_ids[5])]
-    assert len(fake_runs) == len(lr_ids) - 2 + 5  # and the whole main grid
+    assert not held & set(fake_runs) and set(fake_runs) >= set(lr_ids) - held
+    assert len(fake_runs) == len(set(fake_runs)) == len(lr_ids) - 2 + 5  # and the main grid
 
 
-def test_work_runs_the_selected_methods_while_another_worker_ends_a_bracket(tmp_path,
-                                                                            monkeypatch):
-    """The last lr run of one method is another worker's: meanwhile this worker runs the main
-    grid of the methods already selected (no idle polling), and the late method joins."""
+def test_work_runs_main_grids_while_another_worker_ends_a_bracket(tmp_path, monkeypatch):
+    """orthogonal's last lr run is another worker's: meanwhile this worker goes on (svd's lr
+    runs and main grid, no idle polling); once orthogonal's bracket closes its main grid comes
+    first again, ahead of the later methods."""
     import time
 
     import pipeline.sweep
 
     dirs = {"lr": str(tmp_path / "lr"), "main": str(tmp_path / "main")}
-    held = S.lr_selection_configs(SPEC, "mrpc", dirs["lr"])[-1]
-    assert method_of(asdict(held)) == "full"
+    cfgs = S.lr_selection_configs(SPEC, "mrpc", dirs["lr"])
+    lr = by_method([c.run_id for c in cfgs])
+    held = next(c for c in cfgs if c.run_id == lr[5])
+    assert held.run_id == "mrpc-lorafa-orthogonal-r8-lr1e-02-n64-lg-s101"
     order = []
 
     def run_configs(configs, *a, **k):
@@ -248,18 +267,17 @@ def test_work_runs_the_selected_methods_while_another_worker_ends_a_bracket(tmp_
             return [{"run_id": c.run_id, "status": "locked", "skipped": True}]
         order.append(c.run_id)
         fake_log(c)
-        if sum(not r.endswith(("s100", "s101")) for r in order) == 3:
-            fake_log(held)  # the other worker finishes full's bracket now
+        if sum(not r.endswith(("s100", "s101")) for r in order) == 2:
+            fake_log(held)  # the other worker finishes orthogonal's bracket now
         return [{"run_id": c.run_id, "status": "complete", "skipped": False}]
 
     monkeypatch.setattr(pipeline.sweep, "run_configs", run_configs)
     S.work(SPEC, dirs=dirs, figures_dir=None, poll_s=0.01, deadline=time.time() + 60)
-    main = [r for r in order if not r.endswith(("s100", "s101"))]
-    assert main == ["mrpc-lorafa-orthogonal-r8-lr3e-03-n64-lg-s0",
-                    "mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-lg-s0",
-                    "mrpc-lorafa-orthogonal-r8-lr3e-03-n64-lg-s1",
-                    "mrpc-full-lr3e-05-n64-lg-s0",  # selected once its bracket closed
-                    "mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-lg-s1"]
+    assert order == (lr[:5] + lr[6:12] + ["mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-lg-s0",
+                                          "mrpc-lorafa-svd-r8-lr1e-02-splitb-n64-lg-s1",
+                                          "mrpc-lorafa-orthogonal-r8-lr3e-03-n64-lg-s0",
+                                          "mrpc-lorafa-orthogonal-r8-lr3e-03-n64-lg-s1"]
+                     + lr[12:] + ["mrpc-full-lr3e-05-n64-lg-s0"])
 
 
 def test_cli_rejects_a_task_outside_the_study(capsys):
