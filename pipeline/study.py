@@ -38,7 +38,9 @@ from .sweep import parse_shard
 
 # ---------------------------------------------------------------- the spec (fixed before results)
 TASKS = ("mrpc", "cola", "rte", "stsb", "sst2")  # priority order
-LORAFA = ("orthogonal", "svd", "svd_minor", "gradient", "gradient_center", "svd_sqrt")
+# the priority order too (workers finish a method, lr and main grid, before the next): the
+# headline trio of `make main` first (random, principal, gradient directions), then the rest
+LORAFA = ("orthogonal", "svd", "gradient", "svd_minor", "gradient_center", "svd_sqrt")
 REFERENCES = ("lora", "full")
 EPOCHS = {"mrpc": 5, "cola": 5, "rte": 5, "stsb": 5, "sst2": 2}
 # about 4 val evaluations per epoch (steps per epoch at batch 32 after the 10% val split:
