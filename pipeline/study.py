@@ -59,6 +59,8 @@ LR_GRIDS = {**{m: _LORAFA_LRS for m in LORAFA},
 # at ~60% of the full grid's cost). Selection seeds per profile, distinct from every study
 # seed: one on the 2-core CPU (the whole grid at two seeds is ~2 days of it), two on a GPU.
 LR_START = 3
+# a best lr at the grid's edge extends the grid (the protocol): up to 2 more 1-2-5 lrs past it
+LR_BEYOND = 2
 SELECTION_SEEDS = {"cpu": (100,), "gpu": (100, 101)}
 # study seeds per profile: 5 (CPU) / 10 (GPU) for LoRA-FA; references 3 on CPU
 STUDY_SEEDS = {"cpu": tuple(range(5)), "gpu": tuple(range(10))}
@@ -131,20 +133,44 @@ def run_config(spec: Study, task: str, method: str, lr: float, seed: int, logs_d
                         **overrides})
 
 
-def lr_bracket(grid, means: dict, start: int | None = LR_START) -> tuple:
-    """The lrs of ``grid`` (ascending) to run for one method, given ``means`` ({lr: mean val
-    metric over the selection seeds; None while a seed is unfinished, NaN if one failed}): the
-    middle ``start`` lrs (all of them if None), then, once all of those have finished, one
-    more below while the best is the lowest that ran (or every one failed), one more above
-    while it is the highest, until the grid ends. Deterministic in the logs, so every worker
-    computes the same brackets."""
+def _next_lr(lr: float, up: bool) -> float:
+    """The neighbour of ``lr`` in the 1-2-5 series (1e-3 -> 5e-4 below, 2e-2 -> 5e-2 above)."""
+    e = math.floor(math.log10(lr))
+    series = [float(f"{m}e{k}") for k in (e - 1, e, e + 1) for m in (1, 2, 5)]
+    return min(x for x in series if x > lr * 1.001) if up else max(
+        x for x in series if x < lr * 0.999)
+
+
+def extended_grid(grid, beyond: int = LR_BEYOND) -> tuple:
+    """``grid`` with ``beyond`` more 1-2-5 lrs below and above it: where a bracket may go when
+    the best lr is at the grid's edge (the protocol: extend the grid there)."""
     grid = tuple(grid)
-    if start is None or start >= len(grid):
+    if len(grid) < 2:
         return grid
-    lo = (len(grid) - start) // 2
-    hi = lo + start
+    below, above = [grid[0]], [grid[-1]]
+    for _ in range(beyond):
+        below.insert(0, _next_lr(below[0], up=False))
+        above.append(_next_lr(above[-1], up=True))
+    return tuple(below[:-1]) + grid + tuple(above[1:])
+
+
+def lr_bracket(grid, means: dict, start: int | None = LR_START,
+               beyond: int = LR_BEYOND) -> tuple:
+    """The lrs to run for one method, given ``means`` ({lr: mean val metric over the selection
+    seeds; None while a seed is unfinished, NaN if one failed}): the middle ``start`` lrs of
+    ``grid`` (ascending; all of it if None, and then nothing more), then, once all of those
+    have finished, one more below while the best is the lowest that ran (or every one failed),
+    one more above while it is the highest, past the grid's ends by up to ``beyond`` lrs
+    (``extended_grid``). Deterministic in the logs, so every worker computes the same
+    brackets."""
+    grid = tuple(grid)
+    if start is None or len(grid) < 2:
+        return grid
+    full = extended_grid(grid, beyond)
+    lo = full.index(grid[0]) + max(0, (len(grid) - start) // 2)
+    hi = min(lo + start, full.index(grid[-1]) + 1)
     while True:
-        ran = grid[lo:hi]
+        ran = full[lo:hi]
         vals = [means.get(lr) for lr in ran]
         if any(v is None for v in vals):
             return ran  # wait for these before deciding where to go
@@ -152,7 +178,7 @@ def lr_bracket(grid, means: dict, start: int | None = LR_START) -> tuple:
         best = max(ok, key=lambda t: (t[0], -t[1]))[1] if ok else None  # ties: the smaller
         if (best is None or best == ran[0]) and lo > 0:
             lo -= 1
-        elif best is not None and best == ran[-1] and hi < len(grid):
+        elif best is not None and best == ran[-1] and hi < len(full):
             hi += 1
         else:
             return ran
@@ -162,7 +188,7 @@ def _lr_logs(spec: Study, task: str, method: str, logs_dir, profile, overrides) 
     """{lr: [stored log or None per selection seed]} over the method's whole grid."""
     return {lr: [_stored(run_config(spec, task, method, lr, seed, logs_dir, profile,
                                     **overrides)) for seed in spec.sel_seeds(profile)]
-            for lr in spec.lr_grids[method]}
+            for lr in extended_grid(spec.lr_grids[method])}
 
 
 def _finished(h) -> bool:
@@ -274,8 +300,8 @@ def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
     """Mean val metric at the val-best step per (task, method, lr) over the selection seeds,
     and the best lr per (task, method) among its bracket (``lr_bracket``). An lr counts only
     when every selection seed finished; a method is selected once its bracket is final (so
-    its main-grid runs can start while other brackets still grow); a choice at the edge of
-    the whole grid is flagged ('extend the grid'). Writes ``<figures_dir>/lr_selection.md``
+    its main-grid runs can start while other brackets still grow); a choice at the end of
+    what the bracket may try (``extended_grid``) is flagged ('extend the grid'). Writes ``<figures_dir>/lr_selection.md``
     and ``.json`` (the json is what the main grid reads) unless ``figures_dir`` is None.
     Returns {"rows", "choices", "pending"}: choices {task: {method: choice}} of the final
     brackets only, pending {task: why} while a bracket of the task is open."""
@@ -310,11 +336,14 @@ def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
                 continue
             mean, lr, row = max(cands, key=lambda t: t[0])  # ties: the smaller lr
             row["chosen"] = True
-            edge = None if len(grid) == 1 else ("lowest" if lr == min(grid) else
-                                                "highest" if lr == max(grid) else None)
+            full = extended_grid(grid) if spec.lr_start is not None else grid
+            edge = None if len(grid) == 1 else ("lowest" if lr == min(full) else
+                                                "highest" if lr == max(full) else None)
+            note = (f"at the {edge} lr the search may try: extend the grid by hand" if edge
+                    else "outside the planned grid (the bracket extended it)"
+                    if lr not in grid else "")
             task_choices[m] = dict(lr=lr, val=mean, metric=row["metric"], ax_rms=row["ax_rms"],
-                                   edge=edge, note=f"at the {edge} lr of the grid: extend the "
-                                                   "grid" if edge else "")
+                                   edge=edge, note=note)
         if task_choices:
             choices[task] = task_choices
         if open_:

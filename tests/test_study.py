@@ -53,7 +53,8 @@ def test_configs_carry_the_spec(tmp_path):
 
 
 # a small spec: one task, three methods, three lrs, two selection seeds
-SPEC = replace(S.SMOKE, methods=("orthogonal", "svd", "full"),
+# (lr_start=None: every lr of the grid, no bracket search, so nothing past the grid)
+SPEC = replace(S.SMOKE, methods=("orthogonal", "svd", "full"), lr_start=None,
                lr_grids={"orthogonal": (1e-3, 3e-3, 1e-2), "svd": (1e-3, 3e-3, 1e-2),
                          "full": (1e-5, 3e-5, 1e-4)},
                selection_seeds={"cpu": (100, 101), "gpu": (100, 101)},
@@ -113,10 +114,16 @@ GRID = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
     ({2e-3: 0.7, 5e-3: 0.8, 1e-2: None}, (2e-3, 5e-3, 1e-2)),  # one unfinished: wait
     ({2e-3: 0.7, 5e-3: 0.8, 1e-2: 0.75}, (2e-3, 5e-3, 1e-2)),  # peak inside: done
     ({2e-3: 0.8, 5e-3: 0.7, 1e-2: 0.6}, (1e-3, 2e-3, 5e-3, 1e-2)),  # best lowest: one below
-    ({1e-3: 0.9, 2e-3: 0.8, 5e-3: 0.7, 1e-2: 0.6}, GRID[:4]),  # the grid ends: done (edge)
+    # best at the grid's lowest: the grid is extended, 1-2-5, at most two lrs past it
+    ({1e-3: 0.9, 2e-3: 0.8, 5e-3: 0.7, 1e-2: 0.6}, (5e-4,) + GRID[:4]),
+    ({5e-4: 0.8, 1e-3: 0.9, 2e-3: 0.8, 5e-3: 0.7, 1e-2: 0.6}, (5e-4,) + GRID[:4]),  # done
+    ({2e-4: 0.99, 5e-4: 0.95, 1e-3: 0.9, 2e-3: 0.8, 5e-3: 0.7, 1e-2: 0.6},
+     (2e-4, 5e-4) + GRID[:4]),  # two past the grid: done (flagged as the edge)
+    ({2e-3: 0.6, 5e-3: 0.7, 1e-2: 0.8, 2e-2: 0.9}, GRID[1:] + (5e-2,)),  # and above
     ({2e-3: 0.6, 5e-3: 0.7, 1e-2: 0.8}, GRID[1:]),  # best highest: one above, not yet run
     ({2e-3: 0.6, 5e-3: 0.7, 1e-2: 0.8, 2e-2: 0.75}, GRID[1:]),  # peak at 1e-2: done
     ({2e-3: math.nan, 5e-3: math.nan, 1e-2: math.nan}, GRID[:4]),  # all failed: go lower
+    ({lr: math.nan for lr in (2e-4, 5e-4) + GRID}, (2e-4, 5e-4) + GRID[:4]),  # ...to the cap
     ({2e-3: 0.8, 5e-3: 0.8, 1e-2: 0.7}, GRID[:4]),  # tie: the smaller lr is the best
 ])
 def test_lr_bracket_grows_towards_the_optimum(vals, expected):
@@ -125,7 +132,34 @@ def test_lr_bracket_grows_towards_the_optimum(vals, expected):
 
 def test_lr_bracket_short_grids_and_no_start_run_whole():
     assert S.lr_bracket(GRID[:3], {}) == GRID[:3]
+    assert S.lr_bracket(GRID[:3], dict(zip(GRID[:3], (0.9, 0.8, 0.7)))) == (5e-4,) + GRID[:3]
     assert S.lr_bracket(GRID, {}, start=None) == GRID
+    assert S.lr_bracket((3e-5,), {3e-5: 0.9}) == (3e-5,)  # one lr: nowhere to go
+
+
+def test_extended_grid_follows_the_1_2_5_series():
+    assert S.extended_grid(GRID) == (2e-4, 5e-4) + GRID + (5e-2, 1e-1)
+    assert S.extended_grid((3e-4, 1e-3, 3e-3), beyond=1) == (2e-4, 3e-4, 1e-3, 3e-3, 5e-3)
+    assert S.extended_grid((2e-5, 5e-5, 1e-4, 2e-4)) == (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4,
+                                                         5e-4, 1e-3)
+
+
+def test_select_flags_a_choice_past_the_grid_and_at_the_cap(tmp_path):
+    spec = replace(SPEC, methods=("orthogonal", "svd"), lr_start=3,
+                   lr_grids={"orthogonal": GRID, "svd": GRID},
+                   selection_seeds={"cpu": (100,), "gpu": (100,)})
+    vals = {"orthogonal": {5e-4: 0.95, 1e-3: 0.9, 2e-3: 0.8, 5e-3: 0.7},  # peak at 5e-4
+            "svd": dict(zip((2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1), (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)))}
+    lr_dir = str(tmp_path / "lr")
+    for _ in range(4):  # run every bracket until none grows
+        for c in S.lr_selection_configs(spec, "mrpc", lr_dir):
+            m = method_of(asdict(c))
+            fake_log(c, value=vals[m].get(c.lr, 0.1 if m == "orthogonal" else 0.0))
+    ch = S.select_lrs(lr_dir, spec, figures_dir=None)["choices"]["mrpc"]
+    assert ch["orthogonal"]["lr"] == 5e-4 and ch["orthogonal"]["edge"] is None
+    assert "outside the planned grid" in ch["orthogonal"]["note"]
+    assert ch["svd"]["lr"] == 0.1 and ch["svd"]["edge"] == "highest"
+    assert "extend the grid by hand" in ch["svd"]["note"]
 
 
 def test_work_extends_a_bracket_and_selects_inside_it(tmp_path, fake_runs, monkeypatch):
@@ -133,7 +167,7 @@ def test_work_extends_a_bracket_and_selects_inside_it(tmp_path, fake_runs, monke
     three, then 2e-2 (never 1e-3), selects 1e-2 and runs the main grid there."""
     monkeypatch.setitem(VAL, "orthogonal", {1e-3: 0.5, 2e-3: 0.6, 5e-3: 0.7, 1e-2: 0.8,
                                             2e-2: 0.75})
-    spec = replace(SPEC, methods=("orthogonal",), lr_grids={"orthogonal": GRID},
+    spec = replace(SPEC, methods=("orthogonal",), lr_grids={"orthogonal": GRID}, lr_start=3,
                    selection_seeds={"cpu": (100,), "gpu": (100,)})
     dirs = {"lr": str(tmp_path / "lr"), "main": str(tmp_path / "main")}
     S.work(spec, dirs=dirs, figures_dir=str(tmp_path / "fig"))
