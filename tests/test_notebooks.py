@@ -65,3 +65,23 @@ def test_presentation_notebook_writes_the_figures(smoke_logs):
     assert all(m in table for m in ("LoRA-FA svd (S in B)", "LoRA-FA orthogonal",
                                      "LoRA-FA gradient"))
     assert "undetermined at n = 1" in (figures / "stats.md").read_text()
+
+
+def test_presentation_notebook_with_one_complete_method_skips_the_paired_stats(smoke_logs):
+    """A study part-way through: the baseline complete, a second method still running."""
+    tmp, logs = smoke_logs
+    part = tmp / "partial" / "mrpc"
+    part.mkdir(parents=True)
+    for f in (logs / "mrpc").glob("*.json"):
+        h = json.loads(f.read_text())
+        if "-svd-" in f.name:
+            h["status"] = "running"
+        elif "-orthogonal-" not in f.name:
+            continue
+        (part / f.name).write_text(json.dumps(h))
+    figures = tmp / "partial_figures"
+    nb = execute("plots_for_preso.ipynb", tmp, logs_dir=str(part.parent),
+                 figures_dir=str(figures), lr_dir=str(tmp / "absent"), sweeps={})
+    assert (figures / "study_results.md").is_file() and not (figures / "stats.md").exists()
+    out = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+    assert "no paired comparison yet" in out
