@@ -301,8 +301,9 @@ def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
     and the best lr per (task, method) among its bracket (``lr_bracket``). An lr counts only
     when every selection seed finished; a method is selected once its bracket is final (so
     its main-grid runs can start while other brackets still grow); a choice at the end of
-    what the bracket may try (``extended_grid``) is flagged ('extend the grid'). Writes ``<figures_dir>/lr_selection.md``
-    and ``.json`` (the json is what the main grid reads) unless ``figures_dir`` is None.
+    what the bracket may try (``extended_grid``) is flagged ('extend the grid'). Writes
+    ``<figures_dir>/lr_selection.md`` and ``.json`` (the json is what the main grid reads)
+    unless ``figures_dir`` is None.
     Returns {"rows", "choices", "pending"}: choices {task: {method: choice}} of the final
     brackets only, pending {task: why} while a bracket of the task is open."""
     rows, choices, pending = [], {}, {}
