@@ -154,6 +154,13 @@ def extended_grid(grid, beyond: int = LR_BEYOND) -> tuple:
     return tuple(below[:-1]) + grid + tuple(above[1:])
 
 
+def search_space(grid, start: int | None = LR_START, beyond: int = LR_BEYOND) -> tuple:
+    """Every lr a bracket may try: ``extended_grid`` when brackets start in the middle of the
+    grid and grow, the grid itself when all of it runs (``start`` None)."""
+    grid = tuple(grid)
+    return grid if start is None or len(grid) < 2 else extended_grid(grid, beyond)
+
+
 def lr_bracket(grid, means: dict, start: int | None = LR_START,
                beyond: int = LR_BEYOND) -> tuple:
     """The lrs to run for one method, given ``means`` ({lr: mean val metric over the selection
@@ -166,7 +173,7 @@ def lr_bracket(grid, means: dict, start: int | None = LR_START,
     grid = tuple(grid)
     if start is None or len(grid) < 2:
         return grid
-    full = extended_grid(grid, beyond)
+    full = search_space(grid, start, beyond)
     lo = full.index(grid[0]) + max(0, (len(grid) - start) // 2)
     hi = min(lo + start, full.index(grid[-1]) + 1)
     while True:
@@ -188,7 +195,7 @@ def _lr_logs(spec: Study, task: str, method: str, logs_dir, profile, overrides) 
     """{lr: [stored log or None per selection seed]} over the method's whole grid."""
     return {lr: [_stored(run_config(spec, task, method, lr, seed, logs_dir, profile,
                                     **overrides)) for seed in spec.sel_seeds(profile)]
-            for lr in extended_grid(spec.lr_grids[method])}
+            for lr in search_space(spec.lr_grids[method], spec.lr_start)}
 
 
 def _finished(h) -> bool:
@@ -337,7 +344,7 @@ def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
                 continue
             mean, lr, row = max(cands, key=lambda t: t[0])  # ties: the smaller lr
             row["chosen"] = True
-            full = extended_grid(grid) if spec.lr_start is not None else grid
+            full = search_space(grid, spec.lr_start)
             edge = None if len(grid) == 1 else ("lowest" if lr == min(full) else
                                                 "highest" if lr == max(full) else None)
             note = (f"at the {edge} lr the search may try: extend the grid by hand" if edge
