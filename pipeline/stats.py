@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-from .analysis import (check_baseline, complete, load_predictions, main_metric,
-                       method_order, pair_with_baseline, task_label)
+from .analysis import (check_baseline, complete, convergence_summary, load_predictions,
+                       main_metric, method_order, pair_with_baseline, task_label)
 from .methods import label
 from .metrics import metrics_from_outputs
 
@@ -88,6 +88,44 @@ def verdict(low: float, high: float, n: int, margin: float | None = None) -> str
         if margin is not None and -margin < low and high < margin:
             return f"equivalent within ±{margin:g}"
     return f"undetermined at n = {n}"
+
+
+def convergence_compare(conv: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """``analysis.convergence_summary`` of ``conv`` (rows of ``analysis.convergence``) plus, per
+    method, its steps to the target minus the baseline run's of the same seed: how many seeds
+    got there sooner / at the same eval / later (a censored run is later than one that got
+    there), and ``paired_summary`` of the differences with a censored run counted at its last
+    step. That makes each such difference a lower bound, so 'faster' (the whole interval
+    below 0) is said only when no run was censored; 'slower' stands either way."""
+    summary = convergence_summary(conv)
+    base = conv[conv["method"] == conv["baseline"]].set_index(["task", "seed"])
+    rows = []
+    for (task, method), g in conv[conv["method"] != conv["baseline"]].groupby(
+            ["task", "method"], sort=False):
+        g = g[[(task, sd) in base.index for sd in g["seed"]]]
+        b = base.loc[[(task, sd) for sd in g["seed"]]]
+        mine = np.where(g["censored"], g["last_step"], g["steps_to_target"])
+        theirs = np.where(b["censored"], b["last_step"], b["steps_to_target"])
+        later = g["censored"].to_numpy() & ~b["censored"].to_numpy()
+        sooner = ~g["censored"].to_numpy() & (b["censored"].to_numpy() | (mine < theirs))
+        tied = ~sooner & ~later & (mine == theirs)
+        later |= ~sooner & ~tied
+        s = paired_summary(mine - theirs, confidence)
+        n_cens = int(g["censored"].sum())
+        v = verdict(-s["ci_high"], -s["ci_low"], s["n"])  # fewer steps is better
+        v = {"better": "faster", "worse": "slower"}.get(v, v)
+        if v == "faster" and n_cens:
+            v = f"undetermined at n = {s['n']}"
+        rows.append(dict(task=task, method=method, sooner=int(sooner.sum()),
+                         tied=int(tied.sum()), later=int(later.sum()), pairs=s["n"],
+                         diff_steps=s["mean_diff"], diff_low=s["ci_low"],
+                         diff_high=s["ci_high"], steps_verdict=v,
+                         steps_note=(f"{n_cens} censored (counted at their last step)"
+                                     if n_cens else s["note"])))
+    paired = pd.DataFrame(rows, columns=["task", "method", "sooner", "tied", "later", "pairs",
+                                         "diff_steps", "diff_low", "diff_high",
+                                         "steps_verdict", "steps_note"])
+    return summary.merge(paired, on=["task", "method"], how="left")
 
 
 # ---------------------------------------------------------------- example-level bootstrap
@@ -174,9 +212,11 @@ def stats_markdown(cmp: pd.DataFrame, boot: pd.DataFrame | None = None,
     ``compare`` on the test metric, then on 'auc'): per method the paired difference vs the
     baseline (mean, 95% t CI, n, paired t and Wilcoxon p, verdict), the bootstrap interval
     from ``boot`` for the test metric, then the task's convergence summary (``conv``: rows of
-    ``analysis.convergence_summary``) when given; ``title`` on top."""
+    ``convergence_compare``, or of ``analysis.convergence_summary`` without the paired
+    columns) when given; ``title`` on top."""
     lines = [f"# {title}", ""] if title else []
-    for task in sorted(cmp["task"].unique()):
+    tasks = set(cmp["task"]) | (set() if conv is None else set(conv["task"]))
+    for task in sorted(tasks):
         t = cmp[cmp["task"] == task]
         for quantity in t["quantity"].unique():
             g = t[t["quantity"] == quantity]
@@ -202,9 +242,19 @@ def stats_markdown(cmp: pd.DataFrame, boot: pd.DataFrame | None = None,
                       "", "Evaluated steps until a run first reaches the target (the baseline "
                       "run of its seed; censored: never reached within the run), and the area "
                       "under its eval curve / step range.", "",
-                      "| method | reached | median steps (reached) | mean AUC |",
-                      "|---|---|---|---|"]
-            lines += [f"| {label(r.method)} | {r.reached}/{r.n} | {_fmt(r.median_steps, '.0f')}"
-                      f" | {_fmt(r.auc)} |" for r in c.itertuples()]
+                      "| method | reached | median steps (reached) | mean AUC "
+                      "| vs baseline: sooner / tied / later | steps − baseline's, 95% CI (t) "
+                      "| verdict | note |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in c.itertuples():
+                if np.isfinite(getattr(r, "pairs", np.nan)):
+                    cmp_cells = (f"{r.sooner:.0f} / {r.tied:.0f} / {r.later:.0f} "
+                                 f"| {_fmt(r.diff_steps, '+.0f')} "
+                                 f"[{_fmt(r.diff_low, '+.0f')}, {_fmt(r.diff_high, '+.0f')}] "
+                                 f"| {r.steps_verdict} | {r.steps_note}")
+                else:  # the baseline itself, or a summary without the paired columns
+                    cmp_cells = "– | – | – | "
+                lines.append(f"| {label(r.method)} | {r.reached}/{r.n} "
+                             f"| {_fmt(r.median_steps, '.0f')} | {_fmt(r.auc)} | {cmp_cells} |")
             lines.append("")
     return "\n".join(lines)

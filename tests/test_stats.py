@@ -155,3 +155,36 @@ def test_stats_markdown_has_a_row_per_method(study):
     assert rows[0].split("|")[7].strip().startswith("[")  # the bootstrap interval
     assert "| – | equivalent within ±0.01 |" in auc_part  # no bootstrap for the AUC
     assert "| LoRA-FA orthogonal | 3/3 |" in auc_part  # the convergence table, last
+
+
+def _conv(rows):
+    """analysis.convergence rows: (method, seed, steps to target or None if censored)."""
+    return pd.DataFrame([dict(task="mrpc", method=m, seed=sd, baseline="orthogonal",
+                              steps_to_target=np.nan if st_ is None else float(st_),
+                              censored=st_ is None, last_step=100.0, auc=0.7)
+                         for m, sd, st_ in rows])
+
+
+def test_convergence_compare_pairs_steps_by_seed_and_words_the_interval():
+    base = [("orthogonal", 0, 80), ("orthogonal", 1, 60), ("orthogonal", 2, 90)]
+    c = S.convergence_compare(_conv(base + [("svd", 0, 40), ("svd", 1, 30), ("svd", 2, 50)]))
+    svd = c.set_index("method").loc["svd"]
+    # diffs -40, -30, -40: mean -36.67, sd 5.774, t_{0.975, 2} = 4.302653
+    half = 4.302653 * 5.773503 / np.sqrt(3)
+    assert (svd["sooner"], svd["tied"], svd["later"], svd["pairs"]) == (3, 0, 0, 3)
+    assert (svd["diff_low"], svd["diff_high"]) == pytest.approx((-110 / 3 - half,
+                                                                 -110 / 3 + half), abs=1e-4)
+    assert svd["steps_verdict"] == "faster" and svd["reached"] == 3
+    assert np.isnan(c.set_index("method").loc["orthogonal", "pairs"])  # the baseline itself
+    # a censored run is later, counts at its last step, and forbids 'faster'
+    c = S.convergence_compare(_conv(base + [("svd", 0, 40), ("svd", 1, None), ("svd", 2, 90),
+                                            ("gradient", 0, 30), ("gradient", 1, 10),
+                                            ("gradient", 2, None)]))
+    svd, grad = c.set_index("method").loc["svd"], c.set_index("method").loc["gradient"]
+    assert (svd["sooner"], svd["tied"], svd["later"]) == (1, 1, 1)
+    assert svd["diff_steps"] == pytest.approx((-40 + 40 + 0) / 3)
+    assert svd["steps_note"] == "1 censored (counted at their last step)"
+    assert grad["steps_verdict"] == "undetermined at n = 3"
+    md = S.stats_markdown(pd.DataFrame(columns=["task", "quantity", "baseline"]), conv=c)
+    assert "| LoRA-FA svd (S in B) | 2/3 | 65 | 0.700 | 1 / 1 / 1 | +0 [" in md
+    assert "| LoRA-FA orthogonal | 3/3 | 80 | 0.700 | – | – | – |  |" in md
