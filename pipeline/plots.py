@@ -269,10 +269,11 @@ def plot_convergence(conv: pd.DataFrame, title: str | None = None):
 
 def plot_metric_vs(runs: pd.DataFrame, x: str = "lr", metric: str | None = None,
                    by: str = "method", which: str = "final", ax=None, logx: bool = True,
-                   title: str | None = None):
+                   title: str | None = None, legend: str = "inside"):
     """A run-level metric against a config value (lr sweep, penalty strength): one line per
     ``by`` group, mean ± std over seeds. Zero x-values are drawn at the left edge of a log
-    axis via symlog."""
+    axis via symlog. ``legend``: "inside" (matplotlib's best spot) or "below" the axes (many
+    groups: it never covers a line)."""
     import matplotlib.pyplot as plt
 
     d = complete(runs)
@@ -305,6 +306,10 @@ def plot_metric_vs(runs: pd.DataFrame, x: str = "lr", metric: str | None = None,
     ax.set_ylabel(f"{split} {metric.removeprefix('dev_')} ({which})")
     if title:
         ax.set_title(title)
-    ax.legend(fontsize="small")
+    if legend == "below":
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+                  frameon=False)
+    else:
+        ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return ax

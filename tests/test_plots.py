@@ -108,3 +108,10 @@ def test_plot_metric_vs_one_line_per_method(study):
     assert [t.get_text() for t in ax.get_legend().get_texts()][:2] == [
         "LoRA-FA orthogonal", "LoRA-FA svd (S in B)"]
     assert ax.get_xscale() == "log" and ax.get_ylabel() == "val accuracy (best)"
+
+
+def test_plot_metric_vs_legend_below_sits_under_the_axes(study):
+    ax = P.plot_metric_vs(A.load_logs(study), x="lr", which="best", legend="below")
+    ax.figure.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert legend.y1 <= ax.get_window_extent().y0  # under the plotting area, covering no line
