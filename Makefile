@@ -30,8 +30,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 # under the study's protocol (val split, test at the val-best step) - then plots_for_preso.ipynb
 # on those logs. Executed notebooks land in runs/, logs in logs/quickstart/, figures in
 # figures/quickstart/ (all git-ignored). About 15 minutes on 2 idle CPU cores. lrs: the study's
-# val-selected MRPC lrs (figures/lr_selection.md: orthogonal 2e-3, svd 1e-3); gradient A's is
-# not selected yet, so 1e-3, the grid lr nearest orthogonal's effective step (A·x RMS 3.1x).
+# val-selected MRPC lrs (figures/lr_selection.md: orthogonal 2e-3, svd 1e-3, gradient 1e-3).
 # Epochs: 2, not the study's 5, to fit the 15 minutes.
 QUICK := {methods: [orthogonal, svd, gradient], lrs: {orthogonal: 0.002, svd: 0.001, gradient: 0.001}, seeds: [0], epochs: 2, logs_dir: logs/quickstart}
 main: setup
