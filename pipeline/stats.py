@@ -106,12 +106,12 @@ def convergence_compare(conv: pd.DataFrame, confidence: float = 0.95) -> pd.Data
         b = base.loc[[(task, sd) for sd in g["seed"]]]
         mine = np.where(g["censored"], g["last_step"], g["steps_to_target"])
         theirs = np.where(b["censored"], b["last_step"], b["steps_to_target"])
-        later = g["censored"].to_numpy() & ~b["censored"].to_numpy()
-        sooner = ~g["censored"].to_numpy() & (b["censored"].to_numpy() | (mine < theirs))
-        tied = ~sooner & ~later & (mine == theirs)
-        later |= ~sooner & ~tied
+        cens, base_cens = g["censored"].to_numpy(), b["censored"].to_numpy()
+        sooner = ~cens & (base_cens | (mine < theirs))
+        tied = (cens == base_cens) & (mine == theirs)
+        later = ~sooner & ~tied
         s = paired_summary(mine - theirs, confidence)
-        n_cens = int(g["censored"].sum())
+        n_cens = int(cens.sum())
         v = verdict(-s["ci_high"], -s["ci_low"], s["n"])  # fewer steps is better
         v = {"better": "faster", "worse": "slower"}.get(v, v)
         if v == "faster" and n_cens:

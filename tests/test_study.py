@@ -148,9 +148,9 @@ def test_search_space_is_what_a_bracket_can_reach():
     assert S.search_space(GRID) == S.extended_grid(GRID)
     assert S.search_space(GRID, start=None) == GRID  # the whole grid runs, no extension
     assert S.search_space((3e-5,)) == (3e-5,)
-    worst_low = {lr: (1.0 if lr == min(S.search_space(GRID)) else 0.5)
-                 for lr in S.search_space(GRID)}
-    assert S.lr_bracket(GRID, worst_low)[0] == min(S.search_space(GRID))
+    best_at_the_cap = {lr: (1.0 if lr == min(S.search_space(GRID)) else 0.5)
+                       for lr in S.search_space(GRID)}
+    assert S.lr_bracket(GRID, best_at_the_cap)[0] == min(S.search_space(GRID))
 
 
 def test_select_flags_a_choice_past_the_grid_and_at_the_cap(tmp_path):
