@@ -16,6 +16,7 @@ import pandas as pd
 
 from .analysis import _as_list, complete, curve_stats, main_metric, method_order, task_label
 from .methods import METHODS, label
+from .stats import with_bootstrap
 
 # one colour per method in every figure (tab10 order, then matplotlib's cycle)
 METHOD_COLORS = dict(zip(METHODS, ["#1f77b4", "#ff7f0e", "#2ca02c", "#17becf", "#e377c2",
@@ -187,6 +188,7 @@ def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str 
     right. A method with n < 2 has a point and no interval."""
     import matplotlib.pyplot as plt
 
+    cmp = with_bootstrap(cmp, boot)
     tasks = sorted(cmp["task"].unique())
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(8, 5.2 * len(tasks)), 0.55 * cmp.groupby(
         "task").size().max() + 1.6), squeeze=False)
@@ -198,13 +200,12 @@ def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str 
             ax.errorbar(r.mean_diff, y, xerr=[[r.mean_diff - r.ci_low], [r.ci_high - r.mean_diff]]
                         if np.isfinite(r.ci_low) else None, fmt="o", color=color, lw=2.5,
                         capsize=4)
-            b = None if boot is None or boot.empty else boot[
-                (boot["task"] == task) & (boot["method"] == r.method)]
-            if b is not None and len(b):
-                ax.plot([b["ci_low"].iloc[0], b["ci_high"].iloc[0]], [y - 0.25] * 2, color=color,
-                        lw=1, alpha=0.7)
+            if np.isfinite(r.boot_low):
+                ax.plot([r.boot_low, r.boot_high], [y - 0.25] * 2, color=color, lw=1, alpha=0.7)
             note = (r.note if r.n == 0 else r.verdict if "n =" in r.verdict
                     else f"{r.verdict} (n = {r.n})")
+            if r.n and "bootstrap CI includes 0" in r.note:
+                note += ",\nbut its bootstrap CI includes 0"
             ax.annotate(note, (1.02, y), xycoords=("axes fraction", "data"), va="center",
                         fontsize=8)
         ax.axvline(0, color="0.3", lw=1, ls="--")

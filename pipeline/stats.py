@@ -154,8 +154,7 @@ def bootstrap(runs: pd.DataFrame, baseline: str = "orthogonal", n_boot: int = 10
     percentile interval) and p (two-sided: twice the smaller tail of the resampled
     differences around 0). Deterministic in ``seed``. It measures test-set sampling noise
     given these seeds, not seed-to-seed noise (that is ``compare``'s). Cost: one
-    ``metrics_from_outputs`` call per run and resample (about 5 ms on MRPC: ~2 min for 25
-    runs at n_boot=1000)."""
+    ``metrics_from_outputs`` call (main metric only) per run and resample."""
     rows = []
     check_baseline(complete(runs), baseline)
     for task, g in complete(runs).groupby("task", sort=True):
@@ -179,8 +178,8 @@ def bootstrap(runs: pd.DataFrame, baseline: str = "orthogonal", n_boot: int = 10
                 if not np.array_equal(index, ref_index):
                     raise ValueError(f"{by_id[run_id].predictions}: its test rows differ from "
                                      f"the other {task} runs': not the same test set")
-                scores[run_id] = np.array([metrics_from_outputs(task, out[i], y[i])[metric]
-                                           for i in draws])
+                scores[run_id] = np.array([metrics_from_outputs(task, out[i], y[i], [metric])[
+                    metric] for i in draws])
             return scores[run_id]
 
         for method in sorted(set(pairs["method"]), key=method_order):
@@ -195,6 +194,29 @@ def bootstrap(runs: pd.DataFrame, baseline: str = "orthogonal", n_boot: int = 10
                          "diff": float(diff), "ci_low": float(lo), "ci_high": float(hi),
                          "p": float(pval)})
     return pd.DataFrame(rows)
+
+
+def with_bootstrap(cmp: pd.DataFrame, boot: pd.DataFrame | None) -> pd.DataFrame:
+    """``cmp`` with the bootstrap interval of its test-metric rows as ``boot_low`` /
+    ``boot_high`` (NaN where there is none) and a caveat in ``note`` where the t interval has a
+    verdict ('better' / 'worse') that the bootstrap interval does not share: the seed-level
+    interval holds this test set fixed, the bootstrap holds the seeds fixed, and a difference
+    within either noise is not yet a result for the task."""
+    out = cmp.reset_index(drop=True)  # rows by position: concatenated frames repeat labels
+    out["boot_low"], out["boot_high"] = np.nan, np.nan
+    if boot is None or boot.empty:
+        return out
+    for i, r in out.iterrows():
+        b = boot[(boot["task"] == r["task"]) & (boot["method"] == r["method"])
+                 & ("test_" + boot["metric"] == r["quantity"])]
+        if not len(b):
+            continue
+        lo, hi = float(b["ci_low"].iloc[0]), float(b["ci_high"].iloc[0])
+        out.loc[i, ["boot_low", "boot_high"]] = lo, hi
+        if r["verdict"] in ("better", "worse") and lo <= 0 <= hi:
+            out.loc[i, "note"] = "; ".join(filter(None, [
+                r["note"], "bootstrap CI includes 0: within test-set sampling noise"]))
+    return out
 
 
 # ---------------------------------------------------------------- markdown
@@ -215,6 +237,7 @@ def stats_markdown(cmp: pd.DataFrame, boot: pd.DataFrame | None = None,
     ``convergence_compare``, or of ``analysis.convergence_summary`` without the paired
     columns) when given; ``title`` on top."""
     lines = [f"# {title}", ""] if title else []
+    cmp = with_bootstrap(cmp, boot)
     tasks = set(cmp["task"]) | (set() if conv is None else set(conv["task"]))
     for task in sorted(tasks):
         t = cmp[cmp["task"] == task]
@@ -226,11 +249,8 @@ def stats_markdown(cmp: pd.DataFrame, boot: pd.DataFrame | None = None,
                       "| bootstrap 95% CI | verdict | note |",
                       "|---|---|---|---|---|---|---|---|---|"]
             for r in g.itertuples():
-                b = None if boot is None or boot.empty else boot[
-                    (boot["task"] == task) & (boot["method"] == r.method)
-                    & ("test_" + boot["metric"] == quantity)]
-                bci = (f"[{b['ci_low'].iloc[0]:+.3f}, {b['ci_high'].iloc[0]:+.3f}]"
-                       if b is not None and len(b) else "–")
+                bci = (f"[{r.boot_low:+.3f}, {r.boot_high:+.3f}]"
+                       if np.isfinite(r.boot_low) else "–")
                 ci = f"[{_fmt(r.ci_low, '+.3f')}, {_fmt(r.ci_high, '+.3f')}]"
                 lines.append(f"| {label(r.method)} | {r.n} | {_fmt(r.mean_diff, '+.3f')} "
                              f"| {ci} | {_p(r.t_p)} | {_p(r.wilcoxon_p)} | {bci} "

@@ -49,6 +49,26 @@ def test_verdict_wording():
     assert S.verdict(-0.01, 0.03, 5, margin=0.02) == "undetermined at n = 5"
 
 
+def test_a_t_verdict_the_bootstrap_does_not_share_carries_a_caveat():
+    cmp = pd.DataFrame({"task": "mrpc", "quantity": "test_accuracy", "baseline": "orthogonal",
+                        "method": ["svd", "gradient", "svd_minor"], "n": 5,
+                        "mean_diff": [0.017, 0.02, 0.0], "ci_low": [0.012, 0.01, -0.01],
+                        "ci_high": [0.021, 0.03, 0.01], "t_p": 0.01, "wilcoxon_p": 0.06,
+                        "verdict": ["better", "better", "undetermined at n = 5"], "note": ""})
+    boot = pd.DataFrame({"task": "mrpc", "metric": "accuracy",
+                         "method": ["svd", "gradient", "svd_minor"],
+                         "ci_low": [-0.003, 0.004, -0.02], "ci_high": [0.038, 0.03, 0.02]})
+    q = S.with_bootstrap(cmp, boot).set_index("method")
+    assert "bootstrap CI includes 0" in q.loc["svd", "note"]
+    assert q.loc["gradient", "note"] == ""  # both intervals exclude 0
+    assert q.loc["svd_minor", "note"] == ""  # undetermined already says it
+    assert (q.loc["svd", "boot_low"], q.loc["svd", "boot_high"]) == (-0.003, 0.038)
+    md = S.stats_markdown(cmp, boot)
+    row = next(ln for ln in md.splitlines() if ln.startswith("| LoRA-FA svd (S in B)"))
+    assert "[-0.003, +0.038] | better | bootstrap CI includes 0" in row
+    assert S.with_bootstrap(cmp, None)["boot_low"].isna().all()
+
+
 @pytest.fixture
 def study(tmp_path):
     val = [0.6, 0.7]
@@ -72,9 +92,9 @@ def test_compare_pairs_by_seed(study):
 
 def test_bootstrap_is_deterministic_and_centred_on_the_observed_difference(study):
     runs = A.load_logs(study)
-    b1 = S.bootstrap(runs, n_boot=200, seed=1).set_index("method")
-    b2 = S.bootstrap(runs, n_boot=200, seed=1).set_index("method")
-    b3 = S.bootstrap(runs, n_boot=200, seed=2).set_index("method")
+    b1 = S.bootstrap(runs, n_boot=50, seed=1).set_index("method")
+    b2 = S.bootstrap(runs, n_boot=50, seed=1).set_index("method")
+    b3 = S.bootstrap(runs, n_boot=50, seed=2).set_index("method")
     assert b1.equals(b2) and not b1.equals(b3)
     # full-set difference pooled over the 3 paired seeds: mean svd acc - mean orthogonal acc
     assert b1.loc["svd", "diff"] == pytest.approx((3 + 4 + 0) / 3 / 40)

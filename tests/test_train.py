@@ -64,6 +64,7 @@ def test_metrics_hand_checked():
     assert compute_metrics("stsb", [4, 3, 2, 1], [1, 2, 3, 5])["spearman"] == -1.0
     assert compute_metrics("stsb", [2, 2, 2, 2], [1, 2, 3, 5])["pearson"] == 0.0  # not NaN
     assert compute_metrics("rte", [0, 1, 1], [0, 1, 0]) == {"accuracy": pytest.approx(2 / 3)}
+    assert compute_metrics("mrpc", [1, 0, 0, 0], [1, 1, 0, 0], only=["f1"]) == {"f1": m["f1"]}
 
 
 def test_constant_metrics_majority_class_and_mean_score():
