@@ -363,25 +363,33 @@ def test_full_runs_of_grids_at_other_ranks_are_the_same_run(tmp_path, monkeypatc
 
 
 CLAIMER = """
-import json, sys, time
+import json, os, sys, time
 sys.path.insert(0, {root!r})
 from pathlib import Path
 from pipeline.sweep import claim
-while time.time() < float(sys.argv[2]):  # start together
-    pass
-print(json.dumps(claim(Path(sys.argv[1]))))
+lock, ready, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+(ready / str(os.getpid())).touch()
+while len(list(ready.iterdir())) < n:  # start together, once every worker has its imports
+    time.sleep(0.002)  # (sleeping, not spinning: a loaded machine still finishes the imports)
+print(json.dumps(claim(lock)))
 time.sleep(1)  # hold the claim while the others look
 """
 
 
 def test_only_one_of_several_workers_takes_over_a_stale_lock(tmp_path):
-    script = tmp_path / "claim.py"
+    script, ready, n = tmp_path / "claim.py", tmp_path / "ready", 4
     script.write_text(CLAIMER.format(root=str(ROOT)))
+    ready.mkdir()
     lock = _lock(tmp_path, _dead_pid())
-    start = str(time.time() + 3)
-    procs = [subprocess.Popen([sys.executable, str(script), str(lock), start],
-                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
-    got = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    procs = [subprocess.Popen([sys.executable, str(script), str(lock), str(ready), str(n)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    got = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
     assert sum(claimed for claimed, _ in got) == 1, got
-    # the losers saw the new owner, or its lock while it was being written
-    assert all(note.startswith(("took over", "claimed by pid", "claimed (")) for _, note in got), got
+    # the winner took the stale lock over, or found it already moved away by a loser; the
+    # losers saw the new owner, or its lock while it was being written
+    assert all(note == "" or note.startswith("took over") for won, note in got if won), got
+    assert all(note.startswith(("claimed by pid", "claimed (")) for won, note in got
+               if not won), got
+    winner = next(p for p, (won, _) in zip(procs, got) if won)
+    assert json.loads(lock.read_text())["pid"] == winner.pid
+    assert not list(tmp_path.glob(".*.stale"))  # the stale lock is gone, not parked
