@@ -204,7 +204,7 @@ def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str 
                 ax.plot([r.boot_low, r.boot_high], [y - 0.25] * 2, color=color, lw=1, alpha=0.7)
             note = (r.note if r.n == 0 else r.verdict if "n =" in r.verdict
                     else f"{r.verdict} (n = {r.n})")
-            if r.n and "bootstrap CI includes 0" in r.note:
+            if r.boot_includes_0:
                 note += ",\nbut its bootstrap CI includes 0"
             ax.annotate(note, (1.02, y), xycoords=("axes fraction", "data"), va="center",
                         fontsize=8)

@@ -59,7 +59,8 @@ def test_a_t_verdict_the_bootstrap_does_not_share_carries_a_caveat():
                          "method": ["svd", "gradient", "svd_minor"],
                          "ci_low": [-0.003, 0.004, -0.02], "ci_high": [0.038, 0.03, 0.02]})
     q = S.with_bootstrap(cmp, boot).set_index("method")
-    assert "bootstrap CI includes 0" in q.loc["svd", "note"]
+    assert "bootstrap CI includes 0" in q.loc["svd", "note"] and q.loc["svd", "boot_includes_0"]
+    assert not q.loc[["gradient", "svd_minor"], "boot_includes_0"].any()
     assert q.loc["gradient", "note"] == ""  # both intervals exclude 0
     assert q.loc["svd_minor", "note"] == ""  # undetermined already says it
     assert (q.loc["svd", "boot_low"], q.loc["svd", "boot_high"]) == (-0.003, 0.038)
