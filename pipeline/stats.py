@@ -199,8 +199,8 @@ def bootstrap(runs: pd.DataFrame, baseline: str = "orthogonal", n_boot: int = 10
 def with_bootstrap(cmp: pd.DataFrame, boot: pd.DataFrame | None) -> pd.DataFrame:
     """``cmp`` with the bootstrap interval of its test-metric rows as ``boot_low`` /
     ``boot_high`` (NaN where there is none) and a caveat in ``note`` (flag: ``boot_includes_0``)
-    where the t interval has a verdict ('better' / 'worse') that the bootstrap interval does not share: the seed-level
-    interval holds this test set fixed, the bootstrap holds the seeds fixed, and a difference
+    where the t interval has a verdict ('better' / 'worse') that the bootstrap interval does
+    not share: the seed-level interval holds this test set fixed, the bootstrap holds the seeds fixed, and a difference
     within either noise is not yet a result for the task."""
     out = cmp.reset_index(drop=True)  # rows by position: concatenated frames repeat labels
     out["boot_low"], out["boot_high"], out["boot_includes_0"] = np.nan, np.nan, False
