@@ -10,7 +10,8 @@ statistics are on the per-seed differences ``method - baseline``
 (``analysis.pair_with_baseline``).
 Conclusions are worded from the intervals (``verdict``): "better" / "worse" only when the
 95% CI excludes 0, "undetermined at n = K" otherwise; "equivalent" only against an
-explicit margin.
+explicit margin. Several methods share one baseline, so ``compare`` also gives the t p
+adjusted over them (``holm``).
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def compare(runs: pd.DataFrame, baseline: str = "orthogonal", which: str = "test
     """Per task and method: ``paired_summary`` of (method - baseline) over the seeds both
     have, on ``<which>_<main metric>`` (default: test at the val-best checkpoint) or on
     ``column`` (e.g. 'auc', higher is better), plus ``verdict`` (``margin``: the equivalence
-    margin, if one was fixed beforehand). Complete runs only; a task without a complete
+    margin, if one was fixed beforehand) and ``holm_p``, the t p adjusted over the methods of
+    the task (``holm``). Complete runs only; a task without a complete
     baseline run gets n = 0 rows that say so."""
     rows = []
     check_baseline(complete(runs), baseline)
@@ -72,7 +74,25 @@ def compare(runs: pd.DataFrame, baseline: str = "orthogonal", which: str = "test
             rows.append({"task": task, "quantity": col, "method": method,
                          "baseline": baseline, **s,
                          "verdict": verdict(s["ci_low"], s["ci_high"], s["n"], margin)})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["holm_p"] = out.groupby(["task", "quantity"])["t_p"].transform(holm)
+    return out
+
+
+def holm(p) -> np.ndarray:
+    """Holm's step-down adjustment of the p-values of one family of tests (here: every
+    method against the baseline, for one task and quantity), so that "adjusted p < 0.05"
+    keeps the family-wise error rate at 5%. NaN p-values (no test) stay NaN and do not count
+    in the family size."""
+    p = np.asarray(p, dtype=float)
+    out = np.full_like(p, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m = len(order)
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    out[order] = np.maximum.accumulate(scaled)
+    return out
 
 
 def verdict(low: float, high: float, n: int, margin: float | None = None) -> str:
@@ -246,15 +266,18 @@ def stats_markdown(cmp: pd.DataFrame, boot: pd.DataFrame | None = None,
             g = t[t["quantity"] == quantity]
             lines += [f"## {task_label(task)}: {quantity}, method − "
                       f"{label(g['baseline'].iloc[0])} (paired by seed)", "",
-                      "| method | n | mean diff | 95% CI (t) | paired t p | Wilcoxon p "
-                      "| bootstrap 95% CI | verdict | note |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "Holm p: the paired t p adjusted for the methods in this table "
+                      "(family-wise error 5% at Holm p < 0.05).", "",
+                      "| method | n | mean diff | 95% CI (t) | paired t p | Holm p "
+                      "| Wilcoxon p | bootstrap 95% CI | verdict | note |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for r in g.itertuples():
                 bci = (f"[{r.boot_low:+.3f}, {r.boot_high:+.3f}]"
                        if np.isfinite(r.boot_low) else "–")
                 ci = f"[{_fmt(r.ci_low, '+.3f')}, {_fmt(r.ci_high, '+.3f')}]"
                 lines.append(f"| {label(r.method)} | {r.n} | {_fmt(r.mean_diff, '+.3f')} "
-                             f"| {ci} | {_p(r.t_p)} | {_p(r.wilcoxon_p)} | {bci} "
+                             f"| {ci} | {_p(r.t_p)} | {_p(getattr(r, 'holm_p', np.nan))} "
+                             f"| {_p(r.wilcoxon_p)} | {bci} "
                              f"| {r.verdict} | {r.note} |")
             lines.append("")
         if conv is not None and task in set(conv["task"]):

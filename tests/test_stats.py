@@ -91,6 +91,24 @@ def test_compare_pairs_by_seed(study):
     assert cmp.loc["gradient", "verdict"] == "undetermined at n = 1"
 
 
+def test_holm_matches_a_hand_computation_and_skips_untested_rows():
+    # sorted 0.01, 0.02, 0.04 -> 3*0.01, 2*0.02, 1*0.04, then the running maximum
+    adj = S.holm([0.04, np.nan, 0.01, 0.02])
+    assert np.isnan(adj[1])
+    np.testing.assert_allclose(adj[[2, 3, 0]], [0.03, 0.04, 0.04])
+    np.testing.assert_allclose(S.holm([0.5, 0.6]), [1.0, 1.0])  # capped at 1
+    assert S.holm([]).shape == (0,)
+
+
+def test_compare_adjusts_p_over_the_methods_of_a_task(study):
+    cmp = S.compare(A.load_logs(study)).set_index("method")
+    tested = cmp["t_p"].notna()
+    assert tested.sum() >= 1 and cmp.loc[~tested, "holm_p"].isna().all()
+    np.testing.assert_allclose(cmp.loc[tested, "holm_p"],
+                               S.holm(cmp.loc[tested, "t_p"]))
+    assert (cmp.loc[tested, "holm_p"] >= cmp.loc[tested, "t_p"]).all()
+
+
 def test_bootstrap_is_deterministic_and_centred_on_the_observed_difference(study):
     runs = A.load_logs(study)
     b1 = S.bootstrap(runs, n_boot=50, seed=1).set_index("method")
@@ -173,7 +191,7 @@ def test_stats_markdown_has_a_row_per_method(study):
     rows = [line for line in test.splitlines() if line.startswith("| LoRA-FA")]
     assert any(r.startswith("| LoRA-FA svd (S in B) | 3 | +0.058 |") for r in rows)
     assert any("undetermined at n = 1" in r and "n = 1: no interval" in r for r in rows)
-    assert rows[0].split("|")[7].strip().startswith("[")  # the bootstrap interval
+    assert rows[0].split("|")[8].strip().startswith("[")  # the bootstrap interval
     assert "| – | equivalent within ±0.01 |" in auc_part  # no bootstrap for the AUC
     assert "| LoRA-FA orthogonal | 3/3 |" in auc_part  # the convergence table, last
 
