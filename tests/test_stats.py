@@ -107,6 +107,12 @@ def test_compare_adjusts_p_over_the_methods_of_a_task(study):
     np.testing.assert_allclose(cmp.loc[tested, "holm_p"],
                                S.holm(cmp.loc[tested, "t_p"]))
     assert (cmp.loc[tested, "holm_p"] >= cmp.loc[tested, "t_p"]).all()
+    # a second method with the same differences: a family of two, each p doubled
+    runs = A.load_logs(study)
+    twin = pd.concat([runs, runs[runs["method"] == "svd"].assign(method="svd_minor")])
+    two = S.compare(twin).set_index("method")
+    np.testing.assert_allclose(two.loc[["svd", "svd_minor"], "holm_p"],
+                               min(1.0, 2 * cmp.loc["svd", "t_p"]))
 
 
 def test_bootstrap_is_deterministic_and_centred_on_the_observed_difference(study):
