@@ -57,8 +57,11 @@ def compare(runs: pd.DataFrame, baseline: str = "orthogonal", which: str = "test
     """Per task and method: ``paired_summary`` of (method - baseline) over the seeds both
     have, on ``<which>_<main metric>`` (default: test at the val-best checkpoint) or on
     ``column`` (e.g. 'auc', higher is better), plus ``verdict`` (``margin``: the equivalence
-    margin, if one was fixed beforehand) and ``holm_p``, the t p adjusted over the methods of
-    the task (``holm``). Complete runs only; a task without a complete
+    margin, if one was fixed beforehand) and ``holm_p``, the t p adjusted (``holm``) within
+    the row's ``family``: the methods of the baseline's variant (the question: LoRA-FA inits
+    against a LoRA-FA baseline) form one family per task and quantity, the other variants
+    (references such as plain LoRA and full FT) a second, so adding references does not
+    dilute the question's correction. Complete runs only; a task without a complete
     baseline run gets n = 0 rows that say so."""
     rows = []
     check_baseline(complete(runs), baseline)
@@ -66,17 +69,20 @@ def compare(runs: pd.DataFrame, baseline: str = "orthogonal", which: str = "test
         col = column or f"{which}_{main_metric(g)}"
         has_base = baseline in set(g["method"])
         pairs = pair_with_baseline(g, col, baseline) if has_base else None
+        variant = g.groupby("method")["variant"].first()
         for method in sorted(set(g["method"]) - {baseline}, key=method_order):
             s = paired_summary([] if pairs is None else
                                pairs.loc[pairs["method"] == method, "diff"], confidence)
             if pairs is None:
                 s["note"] = f"no complete {baseline} run for this task yet"
+            family = ("question" if has_base and variant[method] == variant[baseline]
+                      else "reference")
             rows.append({"task": task, "quantity": col, "method": method,
-                         "baseline": baseline, **s,
+                         "baseline": baseline, "family": family, **s,
                          "verdict": verdict(s["ci_low"], s["ci_high"], s["n"], margin)})
     out = pd.DataFrame(rows)
     if len(out):
-        out["holm_p"] = out.groupby(["task", "quantity"])["t_p"].transform(holm)
+        out["holm_p"] = out.groupby(["task", "quantity", "family"])["t_p"].transform(holm)
     return out
 
 
@@ -249,6 +255,15 @@ def _p(x):
     return "<0.001" if x < 0.001 else _fmt(x)
 
 
+def _holm_legend(g: pd.DataFrame) -> str:
+    fams = set(g["family"]) if "family" in g else {"question"}
+    scope = ("the methods in this table" if len(fams) == 1 else
+             f"the methods of {label(g['baseline'].iloc[0])}'s variant in this table, and "
+             "separately over the references (the other variants)")
+    return (f"Holm p: the paired t p adjusted over {scope} (family-wise error 5% at "
+            "Holm p < 0.05).")
+
+
 def stats_markdown(cmp: pd.DataFrame, boot: pd.DataFrame | None = None,
                    conv: pd.DataFrame | None = None, title: str | None = None) -> str:
     """The stats tables as markdown, per task and compared quantity (in ``cmp``'s order, e.g.
@@ -266,8 +281,7 @@ def stats_markdown(cmp: pd.DataFrame, boot: pd.DataFrame | None = None,
             g = t[t["quantity"] == quantity]
             lines += [f"## {task_label(task)}: {quantity}, method − "
                       f"{label(g['baseline'].iloc[0])} (paired by seed)", "",
-                      "Holm p: the paired t p adjusted for the methods in this table "
-                      "(family-wise error 5% at Holm p < 0.05).", "",
+                      _holm_legend(g), "",
                       "| method | n | mean diff | 95% CI (t) | paired t p | Holm p "
                       "| Wilcoxon p | bootstrap 95% CI | verdict | note |",
                       "|---|---|---|---|---|---|---|---|---|---|"]

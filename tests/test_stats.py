@@ -115,6 +115,19 @@ def test_compare_adjusts_p_over_the_methods_of_a_task(study):
                                min(1.0, 2 * cmp.loc["svd", "t_p"]))
 
 
+def test_references_form_their_own_holm_family(study):
+    # a reference (another variant) with the same differences as svd: it must not double the
+    # p of the question's family (LoRA-FA inits), and is adjusted within its own family
+    runs = A.load_logs(study)
+    one = S.compare(runs).set_index("method")
+    ref = runs[runs["method"] == "svd"].assign(method="lora", variant="lora")
+    cmp = S.compare(pd.concat([runs, ref])).set_index("method")
+    assert cmp.loc["svd", "family"] == "question" and cmp.loc["lora", "family"] == "reference"
+    np.testing.assert_allclose(cmp.loc["svd", "holm_p"], one.loc["svd", "holm_p"])
+    np.testing.assert_allclose(cmp.loc["lora", "holm_p"], one.loc["svd", "t_p"])
+    assert "separately over the references" in S.stats_markdown(cmp.reset_index())
+
+
 def test_bootstrap_is_deterministic_and_centred_on_the_observed_difference(study):
     runs = A.load_logs(study)
     b1 = S.bootstrap(runs, n_boot=50, seed=1).set_index("method")
