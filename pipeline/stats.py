@@ -256,12 +256,12 @@ def _p(x):
 
 
 def _holm_legend(g: pd.DataFrame) -> str:
-    fams = set(g["family"]) if "family" in g else {"question"}
-    scope = ("the methods in this table" if len(fams) == 1 else
-             f"the methods of {label(g['baseline'].iloc[0])}'s variant in this table, and "
-             "separately over the references (the other variants)")
-    return (f"Holm p: the paired t p adjusted over {scope} (family-wise error 5% at "
-            "Holm p < 0.05).")
+    if len(set(g["family"]) if "family" in g else {"question"}) == 1:
+        return ("Holm p: the paired t p adjusted over the methods in this table "
+                "(family-wise error 5% at Holm p < 0.05).")
+    return ("Holm p: the paired t p adjusted within its family, family-wise error 5% at "
+            "Holm p < 0.05 (the methods of the baseline's variant form one family; the "
+            "references, other variants, a second).")
 
 
 def stats_markdown(cmp: pd.DataFrame, boot: pd.DataFrame | None = None,
