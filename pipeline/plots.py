@@ -181,11 +181,37 @@ def plot_lr_curves(runs: pd.DataFrame, eval_curves: pd.DataFrame, task: str, nco
     return fig
 
 
+def _forest_xlim(g: pd.DataFrame, widen: float = 2.5) -> tuple[float, float]:
+    """x-range of one forest panel: 0, every mean difference, the t and bootstrap intervals of
+    the question's methods (all methods where there is no family), and each other method's
+    intervals unless they alone would widen that span more than ``widen``-fold; padded 10%."""
+    def span(rows):
+        xs = rows[["ci_low", "ci_high", "boot_low", "boot_high"]].to_numpy(float).ravel()
+        return xs[np.isfinite(xs)]
+
+    q = g["family"] == "question" if "family" in g else pd.Series(True, index=g.index)
+    if not q.any():
+        q[:] = True
+    xs = np.concatenate([[0.0], g["mean_diff"].to_numpy(float), span(g[q])])
+    xs = xs[np.isfinite(xs)]
+    base = np.ptp(xs)
+    for i in g.index[~q]:
+        wider = np.concatenate([xs, span(g.loc[[i]])])
+        if np.ptp(wider) <= widen * base:
+            xs = wider
+    lo, hi = xs.min(), xs.max()
+    pad = 0.1 * (hi - lo) or 0.01
+    return lo - pad, hi + pad
+
+
 def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str | None = None):
     """Forest plot of ``stats.compare``: per task a panel, per method the mean paired
     difference vs the baseline with its 95% t interval (thick), the example-level bootstrap
     interval (thin, below) when ``boot`` is given, a line at 0, and n and the verdict at the
-    right. A method with n < 2 has a point and no interval."""
+    right. A method with n < 2 has a point and no interval. The x-range fits the question's
+    methods (``family`` 'question', when ``cmp`` has it) and every point: a reference whose
+    few seeds give a far wider interval runs off the axis, with its interval in its note,
+    rather than squeezing the inits' intervals into a sliver."""
     import matplotlib.pyplot as plt
 
     cmp = with_bootstrap(cmp, boot)
@@ -195,6 +221,7 @@ def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str 
     for ax, task in zip(axes[0], tasks):
         g = cmp[cmp["task"] == task].sort_values("method", key=lambda s: s.map(method_order))
         ys = np.arange(len(g))[::-1]
+        xlim = _forest_xlim(g)
         for y, r in zip(ys, g.itertuples()):
             color = METHOD_COLORS.get(r.method, "0.2")
             ax.errorbar(r.mean_diff, y, xerr=[[r.mean_diff - r.ci_low], [r.ci_high - r.mean_diff]]
@@ -206,9 +233,12 @@ def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str 
                     else f"{r.verdict} (n = {r.n})")
             if r.boot_includes_0:
                 note += ",\nbut its bootstrap CI includes 0"
+            if np.isfinite(r.ci_low) and (r.ci_low < xlim[0] or r.ci_high > xlim[1]):
+                note += f",\nt CI [{r.ci_low:+.2f}, {r.ci_high:+.2f}] off the axis"
             ax.annotate(note, (1.02, y), xycoords=("axes fraction", "data"), va="center",
                         fontsize=8)
         ax.axvline(0, color="0.3", lw=1, ls="--")
+        ax.set_xlim(*xlim)
         ax.set_yticks(ys, [label(m) for m in g["method"]])
         ax.set_ylim(ys.min() - 0.7, ys.max() + 0.7)
         ax.set_xlabel(f"{g['quantity'].iloc[0]}: method − {label(g['baseline'].iloc[0])}")

@@ -115,3 +115,20 @@ def test_plot_metric_vs_legend_below_sits_under_the_axes(study):
     ax.figure.canvas.draw()
     legend = ax.get_legend().get_window_extent()
     assert legend.y1 <= ax.get_window_extent().y0  # under the plotting area, covering no line
+
+
+def test_forest_axis_fits_the_inits_and_a_wide_reference_interval_runs_off_it():
+    import pandas as pd
+    cmp = pd.DataFrame({"task": "cola", "quantity": "test_matthews", "baseline": "orthogonal",
+                        "method": ["lora", "svd", "gradient"], "n": [3, 5, 5],
+                        "family": ["reference", "question", "question"],
+                        "mean_diff": [0.0, 0.01, -0.02], "ci_low": [-0.4, -0.03, -0.05],
+                        "ci_high": [0.4, 0.05, 0.01], "t_p": 0.5, "wilcoxon_p": 0.6,
+                        "verdict": ["undetermined at n = 3", "undetermined at n = 5",
+                                    "undetermined at n = 5"], "note": ""})
+    ax = P.plot_forest(cmp).axes[0]
+    lo, hi = ax.get_xlim()
+    assert -0.07 < lo < -0.05 and 0.05 < hi < 0.07  # the inits' intervals, padded, not ±0.4
+    notes = [t.get_text() for t in ax.texts]
+    assert any("t CI [-0.40, +0.40] off the axis" in t for t in notes)
+    assert sum("off the axis" in t for t in notes) == 1
