@@ -197,7 +197,7 @@ def _forest_xlim(g: pd.DataFrame, widen: float = 2.5) -> tuple[float, float]:
     base = np.ptp(xs)
     for i in g.index[~q]:
         wider = np.concatenate([xs, span(g.loc[[i]])])
-        if np.ptp(wider) <= widen * base:
+        if base == 0 or np.ptp(wider) <= widen * base:  # no inits' span yet: nothing to fit
             xs = wider
     lo, hi = xs.min(), xs.max()
     pad = 0.1 * (hi - lo) or 0.01

@@ -132,3 +132,17 @@ def test_forest_axis_fits_the_inits_and_a_wide_reference_interval_runs_off_it():
     notes = [t.get_text() for t in ax.texts]
     assert any("t CI [-0.40, +0.40] off the axis" in t for t in notes)
     assert sum("off the axis" in t for t in notes) == 1
+
+
+def test_forest_axis_keeps_reference_intervals_while_no_init_has_one():
+    import pandas as pd
+    cmp = pd.DataFrame({"task": "cola", "quantity": "test_matthews", "baseline": "orthogonal",
+                        "method": ["lora", "svd"], "n": [3, 1],
+                        "family": ["reference", "question"], "mean_diff": [0.0, 0.0],
+                        "ci_low": [-0.4, np.nan], "ci_high": [0.4, np.nan], "t_p": np.nan,
+                        "wilcoxon_p": np.nan, "verdict": ["undetermined at n = 3",
+                                                          "undetermined at n = 1"], "note": ""})
+    ax = P.plot_forest(cmp).axes[0]
+    lo, hi = ax.get_xlim()
+    assert lo < -0.4 and hi > 0.4
+    assert not any("off the axis" in t.get_text() for t in ax.texts)
