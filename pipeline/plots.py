@@ -18,9 +18,10 @@ from .analysis import _as_list, complete, curve_stats, main_metric, method_order
 from .methods import METHODS, label
 from .stats import with_bootstrap
 
-# one colour per method in every figure (tab10 order, then matplotlib's cycle)
+# one colour per method in every figure (tab10 hues; a method without one would take
+# matplotlib's cycle and could share a hue with another, as svd_sqrt once shared full FT's blue)
 METHOD_COLORS = dict(zip(METHODS, ["#1f77b4", "#ff7f0e", "#2ca02c", "#17becf", "#e377c2",
-                                   "#9467bd", "#d62728"]))
+                                   "#9467bd", "#d62728", "#8c564b"]))
 MARKERS = "osD^v<>"
 # eval points and sweeps: a dash pattern per group, so a line hidden under another shows through
 LINESTYLES = ["-", "--", ":", "-."]

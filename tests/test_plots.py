@@ -31,6 +31,13 @@ def test_plot_curves_draws_a_band_per_method(study):
     assert ax.lines[0].get_color() == P.METHOD_COLORS["orthogonal"]
 
 
+def test_every_method_has_its_own_colour():
+    from pipeline.methods import METHODS
+
+    assert set(P.METHOD_COLORS) == set(METHODS)
+    assert len(set(P.METHOD_COLORS.values())) == len(METHODS)
+
+
 def test_plot_task_skips_running_runs_and_labels_the_split(study):
     write_run(study, "svd_minor", 0, [0.9], status="running")
     runs, evals = A.load_logs(study), A.load_curves(study)
