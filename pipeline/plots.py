@@ -234,6 +234,10 @@ def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str 
                     else f"{r.verdict} (n = {r.n})")
             if r.boot_includes_0:
                 note += ",\nbut its bootstrap CI includes 0"
+            if r.boot_only:
+                note += ",\nthough its bootstrap CI excludes 0"
+            if getattr(r, "per_comparison", False):
+                note += ",\nper comparison only (Holm p ≥ 0.05)"
             if np.isfinite(r.ci_low) and (r.ci_low < xlim[0] or r.ci_high > xlim[1]):
                 note += f",\nt CI [{r.ci_low:+.2f}, {r.ci_high:+.2f}] off the axis"
             ax.annotate(note, (1.02, y), xycoords=("axes fraction", "data"), va="center",

@@ -83,6 +83,12 @@ def compare(runs: pd.DataFrame, baseline: str = "orthogonal", which: str = "test
     out = pd.DataFrame(rows)
     if len(out):
         out["holm_p"] = out.groupby(["task", "quantity", "family"])["t_p"].transform(holm)
+        # a verdict of the unadjusted interval that the family-wise correction does not keep
+        # (no t-test, e.g. all differences equal: no Holm p either, and no such flag)
+        out["per_comparison"] = out["verdict"].isin(["better", "worse"]) & (out["holm_p"] >= 0.05)
+        out.loc[out["per_comparison"], "note"] = [
+            "; ".join(filter(None, [n, "per comparison only: Holm p ≥ 0.05"]))
+            for n in out.loc[out["per_comparison"], "note"]]
     return out
 
 
@@ -224,12 +230,15 @@ def bootstrap(runs: pd.DataFrame, baseline: str = "orthogonal", n_boot: int = 10
 
 def with_bootstrap(cmp: pd.DataFrame, boot: pd.DataFrame | None) -> pd.DataFrame:
     """``cmp`` with the bootstrap interval of its test-metric rows as ``boot_low`` /
-    ``boot_high`` (NaN where there is none) and a caveat in ``note`` (flag: ``boot_includes_0``)
-    where the t interval has a verdict ('better' / 'worse') that the bootstrap interval does
-    not share: the seed-level interval holds this test set fixed, the bootstrap holds the seeds fixed, and a difference
-    within either noise is not yet a result for the task."""
+    ``boot_high`` (NaN where there is none) and a caveat in ``note`` where the two intervals
+    disagree: the t interval has a verdict ('better' / 'worse') that the bootstrap interval
+    does not share (flag ``boot_includes_0``), or the bootstrap interval excludes 0 where the
+    t interval does not (flag ``boot_only``). The seed-level interval holds this test set
+    fixed, the bootstrap holds the seeds fixed, and a difference within either noise is not
+    yet a result for the task."""
     out = cmp.reset_index(drop=True)  # rows by position: concatenated frames repeat labels
-    out["boot_low"], out["boot_high"], out["boot_includes_0"] = np.nan, np.nan, False
+    out["boot_low"], out["boot_high"] = np.nan, np.nan
+    out["boot_includes_0"], out["boot_only"] = False, False
     if boot is None or boot.empty:
         return out
     for i, r in out.iterrows():
@@ -243,6 +252,11 @@ def with_bootstrap(cmp: pd.DataFrame, boot: pd.DataFrame | None) -> pd.DataFrame
             out.loc[i, "boot_includes_0"] = True
             out.loc[i, "note"] = "; ".join(filter(None, [
                 r["note"], "bootstrap CI includes 0: within test-set sampling noise"]))
+        elif r["verdict"] not in ("better", "worse") and not lo <= 0 <= hi:
+            out.loc[i, "boot_only"] = True
+            out.loc[i, "note"] = "; ".join(filter(None, [
+                r["note"], "bootstrap CI excludes 0, the seeds' interval does not: "
+                           "within seed-to-seed noise"]))
     return out
 
 

@@ -68,6 +68,29 @@ def test_a_t_verdict_the_bootstrap_does_not_share_carries_a_caveat():
     row = next(ln for ln in md.splitlines() if ln.startswith("| LoRA-FA svd (S in B)"))
     assert "[-0.003, +0.038] | better | bootstrap CI includes 0" in row
     assert S.with_bootstrap(cmp, None)["boot_low"].isna().all()
+    # the other disagreement: the seeds' interval includes 0, the bootstrap's does not
+    boot.loc[boot["method"] == "svd_minor", ["ci_low", "ci_high"]] = 0.005, 0.03
+    q = S.with_bootstrap(cmp, boot).set_index("method")
+    assert q.loc["svd_minor", "boot_only"] and "bootstrap CI excludes 0" in q.loc["svd_minor", "note"]
+    assert not q.loc[["svd", "gradient"], "boot_only"].any()
+
+
+def test_a_verdict_holm_does_not_keep_is_marked_per_comparison(tmp_path):
+    # test errors out of LABELS per seed: orthogonal 10; three inits 1-2 fewer (t p ~0.03
+    # each, so 'better' per comparison, Holm ~0.1 over three); gradient_center 5-6 fewer
+    for seed, (d, big) in enumerate(zip([1, 2, 1, 2, 0], [5, 5, 6, 5, 5])):
+        write_run(tmp_path, "orthogonal", seed, [0.7], n_wrong=10)
+        for m in ("svd", "svd_minor", "gradient"):
+            write_run(tmp_path, m, seed, [0.7], n_wrong=10 - d)
+        write_run(tmp_path, "gradient_center", seed, [0.7], n_wrong=10 - big)
+    cmp = S.compare(A.load_logs(tmp_path), baseline="orthogonal").set_index("method")
+    small = ["svd", "svd_minor", "gradient"]
+    assert (cmp.loc[small, "verdict"] == "better").all() and (cmp.loc[small, "holm_p"] > 0.05).all()
+    assert cmp.loc[small, "per_comparison"].all()
+    assert cmp.loc[small, "note"].str.contains("per comparison only").all()
+    g = cmp.loc["gradient_center"]
+    assert g["verdict"] == "better" and g["holm_p"] < 0.05 and not g["per_comparison"]
+    assert "per comparison" not in g["note"]
 
 
 @pytest.fixture
