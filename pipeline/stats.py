@@ -87,9 +87,14 @@ def compare(runs: pd.DataFrame, baseline: str = "orthogonal", which: str = "test
         # (no t-test, e.g. all differences equal: no Holm p either, and no such flag)
         out["per_comparison"] = out["verdict"].isin(["better", "worse"]) & (out["holm_p"] >= 0.05)
         out.loc[out["per_comparison"], "note"] = [
-            "; ".join(filter(None, [n, "per comparison only: Holm p ≥ 0.05"]))
+            _with_caveat(n, "per comparison only: Holm p ≥ 0.05")
             for n in out.loc[out["per_comparison"], "note"]]
     return out
+
+
+def _with_caveat(note: str, caveat: str) -> str:
+    """A row's ``note`` with one more caveat, '; '-separated."""
+    return "; ".join(filter(None, [note, caveat]))
 
 
 def holm(p) -> np.ndarray:
@@ -250,13 +255,13 @@ def with_bootstrap(cmp: pd.DataFrame, boot: pd.DataFrame | None) -> pd.DataFrame
         out.loc[i, ["boot_low", "boot_high"]] = lo, hi
         if r["verdict"] in ("better", "worse") and lo <= 0 <= hi:
             out.loc[i, "boot_includes_0"] = True
-            out.loc[i, "note"] = "; ".join(filter(None, [
-                r["note"], "bootstrap CI includes 0: within test-set sampling noise"]))
+            out.loc[i, "note"] = _with_caveat(
+                r["note"], "bootstrap CI includes 0: within test-set sampling noise")
         elif r["verdict"] not in ("better", "worse") and not lo <= 0 <= hi:
             out.loc[i, "boot_only"] = True
-            out.loc[i, "note"] = "; ".join(filter(None, [
+            out.loc[i, "note"] = _with_caveat(
                 r["note"], "bootstrap CI excludes 0, the seeds' interval does not: "
-                           "within seed-to-seed noise"]))
+                           "within seed-to-seed noise")
     return out
 
 
