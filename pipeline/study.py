@@ -306,6 +306,39 @@ def _ax_rms(h: dict) -> float | None:
     return (h.get("adapter_stats") or {}).get("ax_rms")
 
 
+def _late_val(h: dict, metric: str, fraction: float = 0.25) -> float | None:
+    """Mean val metric over the last ``fraction`` of a run's evaluations (at least one): a
+    smoother selection rule than the val-best step, for ``select_lrs``' robustness check."""
+    vals = [e[metric] for e in h.get("evals") or [] if e.get(metric) is not None]
+    if not vals:
+        return None
+    return statistics.fmean(vals[-max(1, math.ceil(fraction * len(vals))):])
+
+
+# the protocol's rule (val-best step) and two it is checked against, per selection seed
+OTHER_RULES = {"final": lambda h, m: (h.get("final") or {}).get(m),
+               "late": _late_val}
+
+
+def _rule_means(ok: list, metric: str) -> dict:
+    """{rule: mean over the selection seeds of what the rule scores a run} (None if a run
+    lacks it: logs without eval curves)."""
+    out = {}
+    for rule, score in OTHER_RULES.items():
+        vals = [score(h, metric) for h in ok]
+        out[rule] = statistics.fmean(vals) if vals and None not in vals else None
+    return out
+
+
+def _pick(cands: list, key: str):
+    """The lr a rule picks among a bracket's candidate rows (ties: the smaller lr), None if
+    one candidate lacks the rule's score."""
+    scores = [(row["rules"][key], lr) for _, lr, row in cands]
+    if not scores or any(v is None for v, _ in scores):
+        return None
+    return max(scores, key=lambda t: (t[0], -t[1]))[1]
+
+
 def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
                figures_dir: str | None = FIGURES, profile: str = "cpu", **overrides) -> dict:
     """Mean val metric at the val-best step per (task, method, lr) over the selection seeds,
@@ -334,10 +367,12 @@ def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
                 ok = [h for h in logs[lr] if h["status"] == "complete" and h.get("selection")]
                 mean = mean if math.isfinite(mean) else None  # a seed failed
                 axs = [a for a in map(_ax_rms, ok) if a is not None]
-                rows.append(dict(task=task, method=m, lr=lr, metric=logs[lr][0].get("main_metric"),
+                metric = logs[lr][0].get("main_metric")
+                rows.append(dict(task=task, method=m, lr=lr, metric=metric,
                                  mean=mean, values=[h["selection"]["value"] for h in ok],
                                  n=len(ok), n_failed=len(logs[lr]) - len(ok), chosen=False,
-                                 ax_rms=statistics.fmean(axs) if axs else None))
+                                 ax_rms=statistics.fmean(axs) if axs else None,
+                                 rules=_rule_means(ok, metric)))
                 if mean is not None:
                     cands.append((mean, lr, rows[-1]))
             if None in means.values():
@@ -355,7 +390,8 @@ def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
                     else "outside the planned grid (the bracket extended it)"
                     if lr not in grid else "")
             task_choices[m] = dict(lr=lr, val=mean, metric=row["metric"], ax_rms=row["ax_rms"],
-                                   edge=edge, note=note)
+                                   edge=edge, note=note,
+                                   other_rules={r: _pick(cands, r) for r in OTHER_RULES})
         if task_choices:
             choices[task] = task_choices
         if open_:
@@ -397,7 +433,34 @@ def selection_markdown(sel: dict) -> str:
                    f"{f'**{mean}**' if r['chosen'] else mean} | "
                    f"{', '.join(f'{v:.4f}' for v in r['values'])} | {r['n_failed']} | "
                    f"{_fmt(r['ax_rms'], '{:.3g}')} |")
+    out += _rules_markdown(sel)
     return "\n".join(out) + "\n"
+
+
+def _rules_markdown(sel: dict) -> list:
+    """Would a smoother rule have chosen the same lr? The protocol takes each run's val-best
+    step: the maximum of ~30 noisy evaluations, optimistic on a small val set."""
+    from .methods import label
+
+    picked = [(t, m, c) for t, ch in sel["choices"].items() for m, c in ch.items()
+              if c["lr"] is not None and (c.get("other_rules") or {}).get("late") is not None]
+    if not picked:
+        return []
+    same = sum(c["other_rules"]["late"] == c["lr"] for _, _, c in picked)
+    out = ["", "## Would another rule choose the same lr?", "",
+           "The protocol scores an lr by its runs' val metric at the val-best step (the "
+           "maximum over every evaluation: optimistic, noisiest on small val sets). Checked "
+           "against the val metric at the last step and the mean over the last quarter of the "
+           "evaluations, among the lrs the bracket ran. A different pick is in bold; the "
+           "study keeps the protocol's.", "",
+           f"{same} of {len(picked)} choices agree with the last-quarter mean.", "",
+           "| task | method | val-best step (used) | last step | last-quarter mean |",
+           "|---|---|---|---|---|"]
+    for t, m, c in picked:
+        cells = [_fmt(c["other_rules"].get(r), "{:g}") for r in ("final", "late")]
+        cells = [f"**{x}**" if x not in ("–", f"{c['lr']:g}") else x for x in cells]
+        out.append(f"| {t} | {label(m)} | {c['lr']:g} | {cells[0]} | {cells[1]} |")
+    return out
 
 
 def write_selection(sel: dict, figures_dir: str = FIGURES) -> tuple[Path, Path]:

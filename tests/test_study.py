@@ -171,6 +171,42 @@ def test_select_flags_a_choice_past_the_grid_and_at_the_cap(tmp_path):
     assert "extend the grid by hand" in ch["svd"]["note"]
 
 
+def test_select_checks_its_rule_against_smoother_ones(tmp_path):
+    """A spike at one evaluation wins the protocol's val-best rule; the last-step and the
+    last-quarter-mean rules pick the steadier lr, and the markdown says which differ."""
+    spec = replace(SPEC, methods=("orthogonal", "svd"), selection_seeds={"cpu": (100,)})
+    curves = {"orthogonal": {1e-3: [0.5, 0.9, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5],  # a spike
+                             3e-3: [0.5, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7, 0.72],
+                             1e-2: [0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.65, 0.6]},
+              "svd": {1e-3: [0.5, 0.6, 0.7, 0.8], 3e-3: [0.5, 0.7, 0.75, 0.7],
+                      1e-2: [0.6, 0.6, 0.6, 0.6]}}
+    lr_dir = str(tmp_path / "lr")
+    for c in S.lr_selection_configs(spec, "mrpc", lr_dir):
+        vals = curves[method_of(asdict(c))][c.lr]
+        fake_log(c, value=max(vals))
+        path = S.L.log_path(c.logs_dir, c.task, c.run_id)
+        h = S.L.read_log(path)
+        h.update(evals=[{"step": i, "accuracy": v} for i, v in enumerate(vals)],
+                 final={"accuracy": vals[-1]})
+        S.L.atomic_write_json(h, path)
+    sel = S.select_lrs(lr_dir, spec, figures_dir=None)
+    ch = sel["choices"]["mrpc"]
+    assert ch["orthogonal"]["lr"] == 1e-3  # the spike
+    assert ch["orthogonal"]["other_rules"] == {"final": 3e-3, "late": 3e-3}
+    assert ch["svd"]["lr"] == 1e-3 and ch["svd"]["other_rules"] == {"final": 1e-3, "late": 1e-3}
+    row = next(r for r in sel["rows"] if r["method"] == "svd" and r["lr"] == 3e-3)
+    assert row["rules"] == {"final": 0.7, "late": 0.7}  # last quarter of 4 evals: the last one
+    md = S.selection_markdown(sel)
+    assert "1 of 2 choices agree with the last-quarter mean" in md
+    assert "| mrpc | LoRA-FA orthogonal | 0.001 | **0.003** | **0.003** |" in md
+    assert "| mrpc | LoRA-FA svd (S in B) | 0.001 | 0.001 | 0.001 |" in md
+    # logs without eval curves (older or faked runs): no check rather than a wrong one
+    for c in S.lr_selection_configs(spec, "mrpc", lr_dir):
+        fake_log(c)
+    assert "Would another rule" not in S.selection_markdown(S.select_lrs(lr_dir, spec,
+                                                                         figures_dir=None))
+
+
 def test_work_extends_a_bracket_and_selects_inside_it(tmp_path, fake_runs, monkeypatch):
     """A 5-lr grid whose val metric rises to 1e-2 then falls: the worker runs the middle
     three, then 2e-2 (never 1e-3), selects 1e-2 and runs the main grid there."""
