@@ -347,7 +347,7 @@ def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
     its main-grid runs can start while other brackets still grow); a choice at the end of
     what the bracket may try (``extended_grid``) is flagged ('extend the grid'). Writes
     ``<figures_dir>/lr_selection.md`` and ``.json`` (the json is what the main grid reads)
-    unless ``figures_dir`` is None.
+    unless ``figures_dir`` is None (for every task of the spec, whatever ``tasks`` says).
     Returns {"rows", "choices", "pending"}: choices {task: {method: choice}} of the final
     brackets only, pending {task: why} while a bracket of the task is open."""
     rows, choices, pending = [], {}, {}
@@ -399,8 +399,11 @@ def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
             pending[task] = f"{n_done}/{n_runs} lr runs finished (brackets so far); open: {which}"
     out = {"selection_seeds": list(spec.sel_seeds(profile)), "logs_dir": str(logs_dir),
            "rows": rows, "choices": choices, "pending": pending}
-    if figures_dir is not None:
-        write_selection(out, figures_dir)
+    if figures_dir is not None:  # the file always holds every task of the spec: a worker
+        # on some tasks must not drop the others' choices (a 'main' worker reads them back)
+        whole = out if set(spec.tasks) <= set(tasks or spec.tasks) else select_lrs(
+            logs_dir, spec, None, None, profile, **overrides)
+        write_selection(whole, figures_dir)
     return out
 
 

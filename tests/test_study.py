@@ -225,6 +225,21 @@ def test_work_extends_a_bracket_and_selects_inside_it(tmp_path, fake_runs, monke
     assert ch["lr"] == 1e-2 and ch["edge"] is None
 
 
+def test_selection_file_keeps_the_tasks_a_worker_does_not_run(tmp_path):
+    """Selecting for one task (a worker run with --tasks) rewrites the file with every task's
+    choices, so a main-grid worker reading it back still finds the others."""
+    spec = replace(SPEC, tasks=("mrpc", "rte"), methods=("orthogonal",),
+                   epochs={"mrpc": 1, "rte": 1})
+    lr_dir, fig = str(tmp_path / "lr"), str(tmp_path / "fig")
+    for task in spec.tasks:
+        for c in S.lr_selection_configs(spec, task, lr_dir):
+            fake_log(c)
+    assert set(S.select_lrs(lr_dir, spec, ["rte"], fig)["choices"]) == {"rte"}
+    assert set(S.read_selection(fig)) == {"mrpc", "rte"}
+    assert "| mrpc | LoRA-FA orthogonal | 0.003 |" in (tmp_path / "fig" / "lr_selection.md"
+                                                      ).read_text()
+
+
 def test_every_lr_failed_leaves_the_method_out(tmp_path):
     lr_dir = str(tmp_path / "lr")
     for c in S.lr_selection_configs(SPEC, "mrpc", lr_dir):
