@@ -350,8 +350,12 @@ def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
     unless ``figures_dir`` is None (for every task of the spec, whatever ``tasks`` says).
     Returns {"rows", "choices", "pending"}: choices {task: {method: choice}} of the final
     brackets only, pending {task: why} while a bracket of the task is open."""
+    wanted = tuple(tasks or spec.tasks)
+    # the file always holds every task of the spec: a worker on some tasks must not drop the
+    # others' choices (a 'main' worker reads them back)
+    every = wanted if figures_dir is None else tuple(dict.fromkeys(spec.tasks + wanted))
     rows, choices, pending = [], {}, {}
-    for task in tasks or spec.tasks:
+    for task in every:
         br = brackets(spec, task, logs_dir, profile, **overrides)
         n_runs = sum(len(lrs) * len(spec.sel_seeds(profile)) for lrs, _ in br.values())
         n_done = sum(_finished(h) for lrs, logs in br.values() for lr in lrs for h in logs[lr])
@@ -399,12 +403,11 @@ def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
             pending[task] = f"{n_done}/{n_runs} lr runs finished (brackets so far); open: {which}"
     out = {"selection_seeds": list(spec.sel_seeds(profile)), "logs_dir": str(logs_dir),
            "rows": rows, "choices": choices, "pending": pending}
-    if figures_dir is not None:  # the file always holds every task of the spec: a worker
-        # on some tasks must not drop the others' choices (a 'main' worker reads them back)
-        whole = out if set(spec.tasks) <= set(tasks or spec.tasks) else select_lrs(
-            logs_dir, spec, None, None, profile, **overrides)
-        write_selection(whole, figures_dir)
-    return out
+    if figures_dir is not None:
+        write_selection(out, figures_dir)
+    return {**out, "rows": [r for r in rows if r["task"] in wanted],
+            "choices": {t: c for t, c in choices.items() if t in wanted},
+            "pending": {t: p for t, p in pending.items() if t in wanted}}
 
 
 def _fmt(x, spec="{:.4f}"):
