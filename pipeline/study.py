@@ -165,6 +165,12 @@ def search_space(grid, start: int | None = LR_START, beyond: int = LR_BEYOND) ->
     return grid if start is None or len(grid) < 2 else extended_grid(grid, beyond)
 
 
+def best_lr(scored):
+    """The lr with the highest score among ``(score, lr)`` pairs, None if there are none.
+    Ties go to the smaller lr: the protocol's one tie rule, fixed before any result."""
+    return max(scored, key=lambda t: (t[0], -t[1]))[1] if scored else None
+
+
 def lr_bracket(grid, means: dict, start: int | None = LR_START,
                beyond: int = LR_BEYOND) -> tuple:
     """The lrs to run for one method, given ``means`` ({lr: mean val metric over the selection
@@ -186,7 +192,7 @@ def lr_bracket(grid, means: dict, start: int | None = LR_START,
         if any(v is None for v in vals):
             return ran  # wait for these before deciding where to go
         ok = [(v, lr) for v, lr in zip(vals, ran) if math.isfinite(v)]
-        best = max(ok, key=lambda t: (t[0], -t[1]))[1] if ok else None  # ties: the smaller
+        best = best_lr(ok)
         if (best is None or best == ran[0]) and lo > 0:
             lo -= 1
         elif best is not None and best == ran[-1] and hi < len(full):
@@ -336,7 +342,7 @@ def _pick(cands: list, key: str):
     scores = [(row["rules"][key], lr) for _, lr, row in cands]
     if not scores or any(v is None for v, _ in scores):
         return None
-    return max(scores, key=lambda t: (t[0], -t[1]))[1]
+    return best_lr(scores)
 
 
 def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
@@ -385,7 +391,8 @@ def select_lrs(logs_dir: str = LOGS["lr"], spec: Study = STUDY, tasks=None,
             if not cands:
                 task_choices[m] = dict(lr=None, note="every lr failed: extend the grid down")
                 continue
-            mean, lr, row = max(cands, key=lambda t: t[0])  # ties: the smaller lr
+            lr = best_lr([(mean, lr) for mean, lr, _ in cands])
+            mean, row = next((mean, row) for mean, c, row in cands if c == lr)
             row["chosen"] = True
             full = search_space(grid, spec.lr_start)
             edge = None if len(grid) == 1 else ("lowest" if lr == min(full) else

@@ -412,3 +412,21 @@ def test_gradient_methods_are_told_apart_also_in_logs_that_predate_centring():
     cfg = S.run_config(S.STUDY, "mrpc", "gradient_center", 1e-3, 0, "logs/x")
     assert cfg.gradient_center and "gc" in cfg.run_id
     assert S.LR_GRIDS["gradient"][0] < S.LR_GRIDS["orthogonal"][0]  # ~3x the effective step
+
+
+def test_every_rule_sends_a_tie_to_the_smaller_lr(tmp_path):
+    """One tie rule for the bracket, the choice and the rule check: whatever order the lrs
+    come in, equal scores go to the smaller lr (RTE's 249-pair val set makes ties common)."""
+    assert S.best_lr([(0.6, 1e-2), (0.6, 3e-3), (0.5, 1e-3)]) == 3e-3
+    assert S.best_lr([]) is None
+    spec = replace(SPEC, methods=("orthogonal",), selection_seeds={"cpu": (100,)})
+    lr_dir = str(tmp_path / "lr")
+    for c in S.lr_selection_configs(spec, "mrpc", lr_dir):
+        fake_log(c, value={1e-3: 0.5, 3e-3: 0.6, 1e-2: 0.6}[c.lr])
+        path = S.L.log_path(c.logs_dir, c.task, c.run_id)
+        h = S.L.read_log(path)
+        h.update(evals=[{"step": 0, "accuracy": 0.6}], final={"accuracy": 0.6})
+        S.L.atomic_write_json(h, path)
+    ch = S.select_lrs(lr_dir, spec, figures_dir=None)["choices"]["mrpc"]["orthogonal"]
+    assert ch["lr"] == 3e-3 and ch["val"] == 0.6
+    assert ch["other_rules"] == {"final": 1e-3, "late": 1e-3}  # all three tie at 0.6
