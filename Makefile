@@ -37,7 +37,8 @@ main: setup
 	mkdir -p runs
 	$(BIN)/papermill --log-output mrpc_experiment.ipynb runs/mrpc_experiment.ipynb -y '$(QUICK)'
 	$(BIN)/papermill --log-output plots_for_preso.ipynb runs/plots_for_preso.ipynb \
-	    -p logs_dir logs/quickstart -p figures_dir figures/quickstart -p lr_dir logs/quickstart_lr
+	    -p logs_dir logs/quickstart -p figures_dir figures/quickstart -p lr_dir logs/quickstart_lr \
+	    -y '{epoch_checks: {}, sweeps: {}}'
 	@echo "figures: figures/quickstart/  executed notebooks: runs/  logs: logs/quickstart/"
 
 test: setup
