@@ -171,6 +171,16 @@ def test_select_flags_a_choice_past_the_grid_and_at_the_cap(tmp_path):
     assert "extend the grid by hand" in ch["svd"]["note"]
 
 
+def fake_curve_log(cfg, vals):
+    """A fake run with the val curve ``vals`` (val-best its max, final its last)."""
+    fake_log(cfg, value=max(vals))
+    path = S.L.log_path(cfg.logs_dir, cfg.task, cfg.run_id)
+    h = S.L.read_log(path)
+    h.update(evals=[{"step": i, "accuracy": v} for i, v in enumerate(vals)],
+             final={"accuracy": vals[-1]})
+    S.L.atomic_write_json(h, path)
+
+
 def test_select_checks_its_rule_against_smoother_ones(tmp_path):
     """A spike at one evaluation wins the protocol's val-best rule; the last-step and the
     last-quarter-mean rules pick the steadier lr, and the markdown says which differ."""
@@ -182,13 +192,7 @@ def test_select_checks_its_rule_against_smoother_ones(tmp_path):
                       1e-2: [0.6, 0.6, 0.6, 0.6]}}
     lr_dir = str(tmp_path / "lr")
     for c in S.lr_selection_configs(spec, "mrpc", lr_dir):
-        vals = curves[method_of(asdict(c))][c.lr]
-        fake_log(c, value=max(vals))
-        path = S.L.log_path(c.logs_dir, c.task, c.run_id)
-        h = S.L.read_log(path)
-        h.update(evals=[{"step": i, "accuracy": v} for i, v in enumerate(vals)],
-                 final={"accuracy": vals[-1]})
-        S.L.atomic_write_json(h, path)
+        fake_curve_log(c, curves[method_of(asdict(c))][c.lr])
     sel = S.select_lrs(lr_dir, spec, figures_dir=None)
     ch = sel["choices"]["mrpc"]
     assert ch["orthogonal"]["lr"] == 1e-3  # the spike
@@ -422,11 +426,7 @@ def test_every_rule_sends_a_tie_to_the_smaller_lr(tmp_path):
     spec = replace(SPEC, methods=("orthogonal",), selection_seeds={"cpu": (100,)})
     lr_dir = str(tmp_path / "lr")
     for c in S.lr_selection_configs(spec, "mrpc", lr_dir):
-        fake_log(c, value={1e-3: 0.5, 3e-3: 0.6, 1e-2: 0.6}[c.lr])
-        path = S.L.log_path(c.logs_dir, c.task, c.run_id)
-        h = S.L.read_log(path)
-        h.update(evals=[{"step": 0, "accuracy": 0.6}], final={"accuracy": 0.6})
-        S.L.atomic_write_json(h, path)
+        fake_curve_log(c, {1e-3: [0.5], 3e-3: [0.6], 1e-2: [0.6]}[c.lr])
     ch = S.select_lrs(lr_dir, spec, figures_dir=None)["choices"]["mrpc"]["orthogonal"]
     assert ch["lr"] == 3e-3 and ch["val"] == 0.6
-    assert ch["other_rules"] == {"final": 1e-3, "late": 1e-3}  # all three tie at 0.6
+    assert ch["other_rules"] == {"final": 3e-3, "late": 3e-3}  # 3e-3 and 1e-2 tie in each
