@@ -217,11 +217,12 @@ def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str 
 
     cmp = with_bootstrap(cmp, boot)
     tasks = sorted(cmp["task"].unique())
-    fig, axes = plt.subplots(1, len(tasks), figsize=(max(8, 5.2 * len(tasks)), 0.55 * cmp.groupby(
-        "task").size().max() + 1.6), squeeze=False)
+    rows = cmp.groupby("task").size().max()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(8, 5.2 * len(tasks)), 0.55 * rows + 1.6),
+                             squeeze=False)
     for ax, task in zip(axes[0], tasks):
         g = cmp[cmp["task"] == task].sort_values("method", key=lambda s: s.map(method_order))
-        ys = np.arange(len(g))[::-1]
+        ys = rows - 1 - np.arange(len(g))  # from the top, one row spacing for every panel
         xlim = _forest_xlim(g)
         for y, r in zip(ys, g.itertuples()):
             color = METHOD_COLORS.get(r.method, "0.2")
@@ -245,7 +246,7 @@ def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str 
         ax.axvline(0, color="0.3", lw=1, ls="--")
         ax.set_xlim(*xlim)
         ax.set_yticks(ys, [label(m) for m in g["method"]])
-        ax.set_ylim(ys.min() - 0.7, ys.max() + 0.7)
+        ax.set_ylim(-0.7, rows - 0.3)
         ax.set_xlabel(f"{g['quantity'].iloc[0]}: method − {label(g['baseline'].iloc[0])}")
         ax.set_title(task_label(task))
         ax.grid(axis="x", alpha=0.3)

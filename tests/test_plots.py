@@ -156,3 +156,19 @@ def test_forest_axis_keeps_reference_intervals_while_no_init_has_one():
     lo, hi = ax.get_xlim()
     assert lo < -0.4 and hi > 0.4
     assert not any("off the axis" in t.get_text() for t in ax.texts)
+
+
+def test_forest_panels_share_the_row_spacing_when_a_task_has_fewer_methods():
+    """A task with one comparison so far (RTE's first init) gets the other panels' row height,
+    its row at the top, not one row stretched over the whole panel."""
+    import pandas as pd
+    rows = [("mrpc", "svd"), ("mrpc", "gradient"), ("mrpc", "svd_minor"), ("rte", "svd")]
+    cmp = pd.DataFrame({"task": [t for t, _ in rows], "quantity": "test_accuracy",
+                        "baseline": "orthogonal", "method": [m for _, m in rows], "n": 5,
+                        "family": "question", "mean_diff": 0.01, "ci_low": -0.01,
+                        "ci_high": 0.03, "t_p": 0.3, "wilcoxon_p": 0.4,
+                        "verdict": "undetermined at n = 5", "note": ""})
+    mrpc, rte = P.plot_forest(cmp).axes[:2]
+    assert mrpc.get_ylim() == rte.get_ylim()
+    assert [t.get_text() for t in rte.get_yticklabels()] == ["LoRA-FA svd (S in B)"]
+    assert rte.get_yticks()[0] == max(mrpc.get_yticks())  # the top row
