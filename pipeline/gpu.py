@@ -6,10 +6,13 @@
     python -m pipeline.gpu --pack .gpu --out DIR --budget-s 110 --smoke --workers 2   # CPU dry run
     python -m pipeline.gpu unpack ARCHIVE                           # here (make gpu-unpack)
 
-The pack (<= 55 MiB, every file's sha256 in MANIFEST.json): the embedded MiniLM with its weights
-stored as float16 (half the bytes), its tokenizer and config, and the GLUE train/dev files of
-the study's tasks (SST-2 train: only the first 10k rows, the study's fixed subsample). At the run the weights are upcast to a float32 copy before anything loads
-them: training keeps fp32 master weights and computes in bf16 autocast.
+The pack (<= 46 MiB, every file's sha256 in MANIFEST.json; with the working tree it must fit
+the device call's 64 MiB): the embedded MiniLM with its weights stored as float16 (half the
+bytes) and only the word-embedding rows of tokens the packed data produces (70% of them), its
+tokenizer and config, and the GLUE train/dev files of the study's tasks (SST-2 train: only the
+first 10k rows, the study's fixed subsample). At the run the weights are upcast to a float32
+copy (left-out rows as zeros) before anything loads them: training keeps fp32 master weights
+and computes in bf16 autocast.
 
 The run: (a) the memory / step-time benchmark (benchmarks.gpu, <= 90 s), (b) the study of
 pipeline.study (lr selection, then the main grid at 10 seeds, task by task in priority order)
@@ -37,10 +40,12 @@ from pathlib import Path
 
 from . import study as S
 
-PACK_LIMIT = 55 * 2**20
+PACK_LIMIT = 46 * 2**20
+DEVICE_TREE_LIMIT = 64 * 2**20  # the device call's working tree, carried pack included
 ARCHIVE_LIMIT = 16 * 2**20
 ARCHIVE = "gpu_results.tar.gz"
 MODEL_DIR, GLUE_DIR, MANIFEST = "minilm", "glue", "MANIFEST.json"
+KEPT_ROWS = "kept_rows:"  # prefix of the row ids stored beside a pruned word-embedding matrix
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.txt")
 # where `unpack` puts each part of the archive (relative to the repo root)
@@ -57,17 +62,33 @@ def _sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- pack (here)
-def _fill_pack(tmp: Path, src: Path, glue: Path, tasks) -> None:
+def _used_token_ids(tokenizer, glue: Path, tasks) -> list[int]:
+    """Every token id the packed data can produce (special tokens included): the study's
+    tokenisation truncates, which only drops ids, so the untruncated texts cover it."""
+    from .data import load_examples
+
+    ids = set(tokenizer.all_special_ids)
+    for task in tasks:
+        for split in ("train", "dev"):
+            for e in tokenizer([t for ex in load_examples(task, split, glue)
+                                for t in (ex["sentence1"], ex["sentence2"]) if t is not None],
+                               add_special_tokens=False)["input_ids"]:
+                ids.update(e)
+    return sorted(ids)
+
+
+def _fill_pack(tmp: Path, src: Path, glue: Path, tasks) -> dict:
+    """The pack's files; returns what it records of the model. Word-embedding rows of tokens
+    the packed data never produces are left out (with the kept row ids beside them, restored
+    as zero rows at load): their values never reach any computation of the study, and the
+    pack, with the working tree, must fit the device call's 64 MiB."""
     import torch
     from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
 
     from .data import get_task
 
     (tmp / MODEL_DIR).mkdir(parents=True)
-    weights = load_file(src / "model.safetensors")
-    save_file({k: v.to(torch.float16) if v.is_floating_point() else v
-               for k, v in weights.items()}, tmp / MODEL_DIR / "model.safetensors",
-              metadata={"format": "pt", "note": "float16 storage; upcast to float32 at load"})
     for name in MODEL_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, tmp / MODEL_DIR / name)
@@ -85,7 +106,23 @@ def _fill_pack(tmp: Path, src: Path, glue: Path, tasks) -> None:
             else:  # the study reads only the first rows (SST-2: a fixed 10k): pack just those
                 with open(src_file, "rb") as f:
                     lines = f.read().split(b"\n")
+                if lines and not lines[-1]:  # a file shorter than keep: no empty last row
+                    lines.pop()
                 dst_file.write_bytes(b"\n".join(lines[:keep + spec.tsv_header]) + b"\n")
+    weights = load_file(src / "model.safetensors")
+    word = [k for k in weights if k.endswith("word_embeddings.weight")]
+    if len(word) != 1:
+        raise ValueError(f"{src}: expected one word_embeddings.weight, found {word}")
+    word = word[0]
+    kept = _used_token_ids(AutoTokenizer.from_pretrained(tmp / MODEL_DIR), tmp / GLUE_DIR, tasks)
+    vocab = weights[word].shape[0]
+    weights[word] = weights[word][kept]
+    weights[KEPT_ROWS + word] = torch.tensor(kept, dtype=torch.int32)
+    save_file({k: v.to(torch.float16) if v.is_floating_point() else v
+               for k, v in weights.items()}, tmp / MODEL_DIR / "model.safetensors",
+              metadata={"format": "pt", "note": "float16 storage; upcast to float32 at load",
+                        "vocab_size": str(vocab)})
+    return {"word_embedding_rows_kept": len(kept), "vocab_size": vocab}
 
 
 def pack(dest=".gpu", glue_dir=None, tasks=S.TASKS, model_dir=None) -> dict:
@@ -102,7 +139,7 @@ def pack(dest=".gpu", glue_dir=None, tasks=S.TASKS, model_dir=None) -> dict:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _fill_pack(tmp, src, glue, tasks)
+        rows = _fill_pack(tmp, src, glue, tasks)
         files = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         total = sum(f["bytes"] for f in files.values())
@@ -114,14 +151,33 @@ def pack(dest=".gpu", glue_dir=None, tasks=S.TASKS, model_dir=None) -> dict:
         raise
     manifest = {"files": files, "total_bytes": total, "tasks": list(tasks),
                 "model": f"{'all-MiniLM-L6-v2' if model_dir is None else src.name}, float16 "
-                         "storage (upcast to float32 at load)",
+                         "storage (upcast to float32 at load)", **rows,
                 "source_weights_sha256": _sha256(src / "model.safetensors")}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     print(f"pack {dest}: {len(files)} files, {total / 2**20:.1f} MiB "
           f"(limit {PACK_LIMIT / 2**20:.0f}), sha256 in {dest / MANIFEST}")
+    tree = _tree_bytes()
+    if tree is not None:
+        print(f"working tree {tree / 2**20:.1f} MiB + pack = {(tree + total) / 2**20:.1f} MiB "
+              f"of the device call's {DEVICE_TREE_LIMIT / 2**20:.0f}"
+              + ("" if tree + total <= DEVICE_TREE_LIMIT else ": OVER - the call would be refused"))
     return manifest
+
+
+def _tree_bytes() -> int | None:
+    """Bytes of what a device call sends besides the carried pack: tracked and untracked,
+    not ignored files (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                              "--exclude-standard"], capture_output=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1]).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    root = Path(__file__).resolve().parents[1]
+    return sum((root / f).stat().st_size for f in out.decode().split("\0")
+               if f and (root / f).is_file())
 
 
 def verify(pack_dir) -> dict:
@@ -144,9 +200,18 @@ def fp32_model(pack_dir, dest) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
+    from safetensors import safe_open
+
     src, dest = Path(pack_dir) / MODEL_DIR, Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     weights = load_file(src / "model.safetensors")
+    with safe_open(src / "model.safetensors", "pt") as f:
+        vocab = int(f.metadata()["vocab_size"])
+    for key in [k for k in weights if k.startswith(KEPT_ROWS)]:  # zero rows where none were kept
+        rows, word = weights.pop(key).long(), key[len(KEPT_ROWS):]
+        full = torch.zeros(vocab, weights[word].shape[1], dtype=weights[word].dtype)
+        full[rows] = weights[word]
+        weights[word] = full
     save_file({k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
               dest / "model.safetensors", metadata={"format": "pt"})
     for p in src.iterdir():

@@ -87,6 +87,8 @@ def test_fp32_copy_is_the_packed_weights_upcast(tiny_pack, tmp_path, tiny_bert_d
     w16 = load_file(tiny_pack / "minilm" / "model.safetensors")
     orig = load_file(Path(tiny_bert_dir(dropout=0.0)) / "model.safetensors")
     for k, v in w32.items():
+        if k.endswith("word_embeddings.weight"):  # pruned rows: the test below
+            continue
         assert v.dtype == torch.float32 and torch.equal(v, w16[k].float())
         assert torch.allclose(v, orig[k], rtol=1e-3, atol=1e-4)  # fp16 rounding only
     assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
@@ -179,3 +181,31 @@ def test_unpack_refuses_unsafe_members(tmp_path):
         gpu.unpack(bad, tmp_path / "root")
     with pytest.raises(FileNotFoundError, match="give ARCHIVE="):
         gpu.unpack(tmp_path / "none.tar.gz", tmp_path / "root")
+
+
+def test_pack_keeps_every_embedding_row_the_packed_data_uses(tiny_pack, tiny_bert_dir, tmp_path):
+    """Pruned word-embedding rows: every id the study's tokenisation of the packed data gives is
+    kept (same values as float16 of the source), the others come back as zero rows."""
+    from safetensors.torch import load_file as load
+    from transformers import AutoTokenizer
+
+    from pipeline.data import load_examples, tokenize
+
+    manifest = gpu.verify(tiny_pack)
+    src = load(Path(tiny_bert_dir(dropout=0.0)) / "model.safetensors")
+    key = next(k for k in src if k.endswith("word_embeddings.weight"))
+    assert manifest["word_embedding_rows_kept"] < manifest["vocab_size"] == src[key].shape[0]
+    up = load(gpu.fp32_model(tiny_pack, tmp_path / "fp32") / "model.safetensors")
+    assert set(up) == set(src) and up[key].shape == src[key].shape
+    tok = AutoTokenizer.from_pretrained(tiny_pack / "minilm")
+    used = set()
+    for task in gpu.S.STUDY.tasks:
+        for split in ("train", "dev"):
+            for f in tokenize(load_examples(task, split, tiny_pack / "glue"), tok, 128):
+                used.update(f["input_ids"])
+    used = sorted(used | set(tok.all_special_ids))
+    torch.testing.assert_close(up[key][used], src[key][used].half().float(), rtol=0, atol=0)
+    unused = torch.ones(src[key].shape[0], dtype=torch.bool)
+    unused[used] = False
+    assert unused.any() and not up[key][unused].any()
+    assert len(used) == manifest["word_embedding_rows_kept"]
