@@ -359,6 +359,7 @@ def _study(work, env, workers, max_workers, smoke, tasks, launch_stop, hard_stop
             cwd=work))
 
     t_study = last_ramp = time.time()
+    n_before = _complete(_count(logs_root))  # a resumed run (--work with earlier logs) has some
     try:
         for _ in range(workers):
             spawn()
@@ -400,7 +401,9 @@ def _study(work, env, workers, max_workers, smoke, tasks, launch_stop, hard_stop
     counts = _count(logs_root)
     n_complete = _complete(counts)
     out.update(study_s=round(study_s), counts=counts, complete_runs=n_complete,
-               runs_per_min=round(n_complete / (study_s / 60), 2) if study_s else None,
+               complete_before=n_before,
+               runs_per_min=round((n_complete - n_before) / (study_s / 60), 2)
+               if study_s else None,
                runs_per_min_by_workers=_rate_by_workers(progress),
                gpu_util_mean=round(sum(utils) / len(utils), 1) if utils else None,
                progress=progress, workers_started=len(procs),
@@ -491,7 +494,8 @@ def summary_text(s: dict) -> str:
         lines.append(f"  {phase}: " + "; ".join(
             f"{t} " + " ".join(f"{k}={v}" for k, v in sorted(c.items())) for t, c in tasks.items()))
     if "complete_runs" in s:
-        lines.append(f"  complete runs {s['complete_runs']} in {s['study_s']}s = "
+        lines.append(f"  complete runs {s['complete_runs'] - s.get('complete_before', 0)} "
+                     f"(+{s.get('complete_before', 0)} from earlier) in {s['study_s']}s = "
                      f"{s['runs_per_min']} runs/min (by workers: {s['runs_per_min_by_workers']});"
                      f" GPU util mean {s['gpu_util_mean']}%; "
                      f"workers stopped at the deadline {s['workers_stopped_at_deadline']}; "
@@ -529,7 +533,10 @@ def unpack(archive, root=".") -> dict:
                     moved[dst] = moved.get(dst, 0) + 1
         if Path(tmp, "summary.json").is_file():
             (root / UNPACK["bench"]).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(tmp, "summary.json"), root / UNPACK["bench"] / "run_summary.json")
+            n = 1  # one summary per device run: run_summary_1.json, _2, ... (never overwritten)
+            while (root / UNPACK["bench"] / f"run_summary_{n}.json").exists():
+                n += 1
+            shutil.copy2(Path(tmp, "summary.json"), root / UNPACK["bench"] / f"run_summary_{n}.json")
     print("unpacked: " + ", ".join(f"{n} files -> {d}/" for d, n in moved.items()))
     return moved
 

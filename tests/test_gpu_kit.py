@@ -132,9 +132,22 @@ def test_dry_run_end_to_end_then_unpack(tiny_pack, tmp_path, blocked_env):
     assert summary["counts"] == {"lr": {"mrpc": {"complete": n}},
                                  "main": {"mrpc": {"complete": n}}}, summary["counts"]
     assert summary["bench"]["goals"] and not summary["bench"]["errors"]
+    assert summary["complete_before"] == 0
 
     root = tmp_path / "repo"
     moved = gpu.unpack(archive, root)
+    # a second device run resuming the same work folder: nothing left to run, the earlier runs
+    # are counted apart (not as this run's throughput), and its summary does not overwrite
+    res2 = subprocess.run([sys.executable, "-m", "pipeline.gpu", "--pack", str(tiny_pack),
+                           "--out", str(tmp_path / "out2"), "--budget-s", "300", "--smoke",
+                           "--workers", "1", "--work", str(work), "--no-bench"],
+                          env=blocked_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res2.returncode == 0, res2.stdout[-2000:] + res2.stderr[-2000:]
+    assert f"complete runs 0 (+{2 * n} from earlier)" in res2.stdout
+    gpu.unpack(tmp_path / "out2" / gpu.ARCHIVE, root)
+    first, second = (json.loads((root / f"benchmarks/results/gpu/run_summary_{i}.json")
+                                .read_text()) for i in (1, 2))
+    assert first["complete_before"] == 0 and second["complete_before"] == 2 * n
     assert moved["logs/study_gpu"] == 2 * n and moved["logs/study_gpu_lr"] == 2 * n  # + preds
     logs = sorted((root / "logs/study_gpu/mrpc").glob("*.json"))
     assert len(logs) == n
