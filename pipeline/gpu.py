@@ -278,9 +278,26 @@ def _benchmark(work: Path, env, budget_s: float, cpu_smoke: bool) -> dict:
     return json.loads(out.read_text())
 
 
+def seed_work(work: Path, root: Path) -> int:
+    """Copy the finished logs of earlier device runs (``root``/logs/study_gpu{,_lr}, as unpack
+    left them in the repo) into the scratch folder, so this run goes on where they stopped:
+    the workers skip complete runs. Returns how many logs were copied."""
+    n = 0
+    for sub, dst in UNPACK.items():
+        if not sub.startswith("logs/"):
+            continue
+        for p in sorted((Path(root) / dst).glob("*/*")):
+            target = Path(work) / sub / p.relative_to(Path(root) / dst)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, target)
+            n += p.suffix == ".json"
+    return n
+
+
 def run(pack_dir=".gpu", out=None, budget_s=520.0, workers=6, smoke=False, tasks=None,
-        work=None, bench=True, max_workers=12) -> dict:
-    """The whole device run; returns the summary (also in the archive)."""
+        work=None, bench=True, max_workers=12, resume_from=None) -> dict:
+    """The whole device run; returns the summary (also in the archive). ``tasks``: default the
+    pack's; ``resume_from``: a repo root whose unpacked GPU logs this run continues."""
     import torch
 
     t0 = time.time()
@@ -295,6 +312,13 @@ def run(pack_dir=".gpu", out=None, budget_s=520.0, workers=6, smoke=False, tasks
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(work) if work else Path(tempfile.mkdtemp(prefix="svd-lorafa-gpu-"))
+    tasks = list(tasks or [t for t in (S.SMOKE if smoke else S.STUDY).tasks
+                           if t in manifest["tasks"]])  # the spec's order, packed ones
+    missing = sorted(set(tasks) - set(manifest["tasks"]))
+    if missing:
+        raise ValueError(f"--tasks {missing} not in the pack ({manifest['tasks']}): pack them "
+                         "(make gpu-pack GPU_TASKS=...) or leave them out")
+    resumed = seed_work(work, resume_from) if resume_from else 0
     pack_dir = Path(pack_dir).resolve()
     model = fp32_model(pack_dir, work / "minilm-fp32")
     max_workers = max(workers, max_workers)
@@ -306,8 +330,10 @@ def run(pack_dir=".gpu", out=None, budget_s=520.0, workers=6, smoke=False, tasks
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     summary = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "smoke": smoke,
                "budget_s": budget_s, "workers": workers, "threads_per_worker": threads,
-               "pack_mib": manifest["total_bytes"] / 2**20}
+               "pack_mib": manifest["total_bytes"] / 2**20, "tasks": tasks,
+               "resumed_logs": resumed}
     print(f"gpu kit: {summary['device']}, pack verified ({summary['pack_mib']:.1f} MiB), "
+          f"tasks {' '.join(tasks)}, {resumed} logs of earlier device runs to continue, "
           f"model upcast to fp32 in {time.time() - t0:.0f}s", flush=True)
 
     # (a) benchmark, alone on the GPU; (b) the study; (c) the archive, whatever happened
@@ -547,8 +573,15 @@ def main(argv=None) -> int:
         p = argparse.ArgumentParser(prog="python -m pipeline.gpu pack")
         p.add_argument("--dest", default=".gpu")
         p.add_argument("--glue-dir", default=None)
+        p.add_argument("--tasks", nargs="+", default=list(S.TASKS),
+                       help="the tasks to pack (the run defaults to these)")
         a = p.parse_args(argv[1:])
-        pack(a.dest, a.glue_dir)
+        manifest = pack(a.dest, a.glue_dir, tuple(a.tasks))
+        tree = _tree_bytes()
+        if tree is not None and tree + manifest["total_bytes"] > DEVICE_TREE_LIMIT:
+            raise ValueError(f"pack + working tree = {(tree + manifest['total_bytes']) / 2**20:.1f}"
+                             f" MiB, over the device call's {DEVICE_TREE_LIMIT / 2**20:.0f}: pack "
+                             "fewer tasks (make gpu-pack GPU_TASKS='mrpc cola')")
         return 0
     if argv[:1] == ["unpack"]:
         p = argparse.ArgumentParser(prog="python -m pipeline.gpu unpack")
@@ -570,11 +603,13 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="the tiny study (CPU dry run)")
     p.add_argument("--work", default=None, help="scratch folder (default: a new temp folder)")
     p.add_argument("--no-bench", action="store_true")
+    p.add_argument("--fresh", action="store_true", help="do not continue the repo's earlier "
+                   "device runs (logs/study_gpu{,_lr}); --smoke never does")
     a = p.parse_args(argv)
     if a.workers < 1 or a.budget_s <= 0:
         p.error("--workers must be >= 1 and --budget-s > 0")
     run(a.pack, a.out, a.budget_s, a.workers, a.smoke, a.tasks, a.work, not a.no_bench,
-        a.max_workers)
+        a.max_workers, None if a.fresh or a.smoke else Path(__file__).resolve().parents[1])
     return 0
 
 

@@ -222,3 +222,27 @@ def test_pack_keeps_every_embedding_row_the_packed_data_uses(tiny_pack, tiny_ber
     unused[used] = False
     assert unused.any() and not up[key][unused].any()
     assert len(used) == manifest["word_embedding_rows_kept"]
+
+
+def test_a_run_continues_the_repos_earlier_device_runs(tmp_path):
+    """seed_work copies unpacked logs (logs/study_gpu{,_lr}/<task>/*) to where the workers look
+    (logs/study{,_lr}/<task>/*), so complete runs are skipped, not run again."""
+    root, work = tmp_path / "repo", tmp_path / "work"
+    for sub, name in (("logs/study_gpu/mrpc", "a.json"), ("logs/study_gpu/mrpc", "a.preds.npz"),
+                      ("logs/study_gpu_lr/cola", "b.json")):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub / name).write_text(json.dumps({"status": "complete"}))
+    assert gpu.seed_work(work, root) == 2
+    assert (work / "logs/study/mrpc/a.json").is_file()
+    assert (work / "logs/study/mrpc/a.preds.npz").is_file()
+    assert gpu._count(work / "logs") == {"lr": {"cola": {"complete": 1}},
+                                         "main": {"mrpc": {"complete": 1}}}
+    assert gpu.seed_work(tmp_path / "w2", tmp_path / "empty") == 0
+
+
+def test_run_refuses_tasks_the_pack_lacks(tmp_path, tiny_bert_dir, glue_dir):
+    dest = tmp_path / ".gpu"
+    gpu.pack(dest, glue_dir, tasks=("mrpc",), model_dir=tiny_bert_dir(dropout=0.0))
+    assert gpu.verify(dest)["tasks"] == ["mrpc"]
+    with pytest.raises(ValueError, match=r"--tasks \['rte'\] not in the pack"):
+        gpu.run(dest, out=tmp_path / "out", smoke=True, tasks=["mrpc", "rte"], bench=False)
