@@ -45,6 +45,7 @@ DEVICE_TREE_LIMIT = 64 * 2**20  # the device call's working tree, carried pack i
 ARCHIVE_LIMIT = 16 * 2**20
 ARCHIVE = "gpu_results.tar.gz"
 MODEL_DIR, GLUE_DIR, MANIFEST = "minilm", "glue", "MANIFEST.json"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 KEPT_ROWS = "kept_rows:"  # prefix of the row ids stored beside a pruned word-embedding matrix
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.txt")
@@ -158,11 +159,6 @@ def pack(dest=".gpu", glue_dir=None, tasks=S.TASKS, model_dir=None) -> dict:
     os.replace(tmp, dest)
     print(f"pack {dest}: {len(files)} files, {total / 2**20:.1f} MiB "
           f"(limit {PACK_LIMIT / 2**20:.0f}), sha256 in {dest / MANIFEST}")
-    tree = _tree_bytes()
-    if tree is not None:
-        print(f"working tree {tree / 2**20:.1f} MiB + pack = {(tree + total) / 2**20:.1f} MiB "
-              f"of the device call's {DEVICE_TREE_LIMIT / 2**20:.0f}"
-              + ("" if tree + total <= DEVICE_TREE_LIMIT else ": OVER - the call would be refused"))
     return manifest
 
 
@@ -172,12 +168,11 @@ def _tree_bytes() -> int | None:
     try:
         out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
                               "--exclude-standard"], capture_output=True, check=True,
-                             cwd=Path(__file__).resolve().parents[1]).stdout
+                             cwd=REPO_ROOT).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    root = Path(__file__).resolve().parents[1]
-    return sum((root / f).stat().st_size for f in out.decode().split("\0")
-               if f and (root / f).is_file())
+    return sum((REPO_ROOT / f).stat().st_size for f in out.decode().split("\0")
+               if f and (REPO_ROOT / f).is_file())
 
 
 def verify(pack_dir) -> dict:
@@ -198,17 +193,16 @@ def verify(pack_dir) -> dict:
 def fp32_model(pack_dir, dest) -> Path:
     """The packed float16 MiniLM upcast to a float32 copy (the master weights of training)."""
     import torch
-    from safetensors.torch import load_file, save_file
-
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     src, dest = Path(pack_dir) / MODEL_DIR, Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    weights = load_file(src / "model.safetensors")
-    with safe_open(src / "model.safetensors", "pt") as f:
-        vocab = int(f.metadata()["vocab_size"])
+    with safe_open(src / "model.safetensors", "pt") as f:  # one read: tensors and metadata
+        weights, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     for key in [k for k in weights if k.startswith(KEPT_ROWS)]:  # zero rows where none were kept
         rows, word = weights.pop(key).long(), key[len(KEPT_ROWS):]
+        vocab = int(meta["vocab_size"])
         full = torch.zeros(vocab, weights[word].shape[1], dtype=weights[word].dtype)
         full[rows] = weights[word]
         weights[word] = full
@@ -326,8 +320,8 @@ def run(pack_dir=".gpu", out=None, budget_s=520.0, workers=6, smoke=False, tasks
     env = {**os.environ, "SVD_LORAFA_MINILM": str(model), "GLUE_DIR": str(pack_dir / GLUE_DIR),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]
+                                        ).rstrip(os.pathsep)
     summary = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "smoke": smoke,
                "budget_s": budget_s, "workers": workers, "threads_per_worker": threads,
                "pack_mib": manifest["total_bytes"] / 2**20, "tasks": tasks,
@@ -576,12 +570,15 @@ def main(argv=None) -> int:
         p.add_argument("--tasks", nargs="+", default=list(S.TASKS),
                        help="the tasks to pack (the run defaults to these)")
         a = p.parse_args(argv[1:])
-        manifest = pack(a.dest, a.glue_dir, tuple(a.tasks))
-        tree = _tree_bytes()
-        if tree is not None and tree + manifest["total_bytes"] > DEVICE_TREE_LIMIT:
-            raise ValueError(f"pack + working tree = {(tree + manifest['total_bytes']) / 2**20:.1f}"
-                             f" MiB, over the device call's {DEVICE_TREE_LIMIT / 2**20:.0f}: pack "
-                             "fewer tasks (make gpu-pack GPU_TASKS='mrpc cola')")
+        total = pack(a.dest, a.glue_dir, tuple(a.tasks))["total_bytes"]
+        tree = _tree_bytes()  # what the device call sends besides the pack
+        if tree is not None:
+            print(f"working tree {tree / 2**20:.1f} MiB + pack = {(tree + total) / 2**20:.1f} "
+                  f"MiB of the device call's {DEVICE_TREE_LIMIT / 2**20:.0f}")
+            if tree + total > DEVICE_TREE_LIMIT:
+                raise ValueError(f"pack + working tree = {(tree + total) / 2**20:.1f} MiB, over "
+                                 f"the device call's {DEVICE_TREE_LIMIT / 2**20:.0f}: pack fewer "
+                                 "tasks (make gpu-pack GPU_TASKS='mrpc cola')")
         return 0
     if argv[:1] == ["unpack"]:
         p = argparse.ArgumentParser(prog="python -m pipeline.gpu unpack")
@@ -609,7 +606,7 @@ def main(argv=None) -> int:
     if a.workers < 1 or a.budget_s <= 0:
         p.error("--workers must be >= 1 and --budget-s > 0")
     run(a.pack, a.out, a.budget_s, a.workers, a.smoke, a.tasks, a.work, not a.no_bench,
-        a.max_workers, None if a.fresh or a.smoke else Path(__file__).resolve().parents[1])
+        a.max_workers, None if a.fresh or a.smoke else REPO_ROOT)
     return 0
 
 
