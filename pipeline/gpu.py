@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import logs as L
 from . import study as S
 
 PACK_LIMIT = 46 * 2**20
@@ -478,7 +479,7 @@ def write_archive(work: Path, path: Path, summary: dict) -> Path:
                     left_out.append(log.stem)
                     continue
                 rel = log.relative_to(work)
-                add_bytes(str(rel), json.dumps(_thin(h, every), indent=1).encode())
+                add_bytes(str(rel), L.to_json(_thin(h, every)).encode())
                 preds = log.with_name(log.stem + ".preds.npz")
                 if preds.is_file():
                     tar.add(preds, str(rel.with_name(preds.name)))

@@ -480,7 +480,7 @@ def write_selection(sel: dict, figures_dir: str = FIGURES) -> tuple[Path, Path]:
     folder = Path(figures_dir)
     folder.mkdir(parents=True, exist_ok=True)
     js, md = folder / "lr_selection.json", folder / "lr_selection.md"
-    if md.is_file() and js.is_file() and json.loads(js.read_text()) == json.loads(json.dumps(sel)):
+    if md.is_file() and js.is_file() and json.loads(js.read_text()) == json.loads(L.to_json(sel)):
         return js, md  # unchanged (workers call this after every run)
     L.atomic_write_json(sel, js)
     text = selection_markdown(sel)

@@ -50,6 +50,23 @@ def test_atomic_write_keeps_old_file_on_error(tmp_path):
     assert oct(p.stat().st_mode & 0o777) == "0o644"
 
 
+def test_log_json_rounds_only_number_series_and_reads_back(tmp_path):
+    h = {"train": {"step": [1, 2, 3], "loss": [0.6931471805599453, 0.1 + 0.2, 2e-12]},
+         "test": {"at_best": {"accuracy": 0.7156862745098039}}, "names": ["a", "b"],
+         "evals": [{"step": 1, "loss": 0.123456789012}]}
+    path = tmp_path / "log.json"
+    L.atomic_write_json(h, path)
+    text = path.read_text()
+    back = json.loads(text)
+    assert back["train"]["step"] == [1, 2, 3]
+    assert back["train"]["loss"] == [0.6931472, 0.3, 2e-12]  # 7 significant digits
+    assert back["test"] == h["test"] and back["evals"] == h["evals"]  # scalars exact
+    assert back["names"] == ["a", "b"]
+    assert '"loss": [0.6931472, 0.3, 2e-12]' in text  # one line per series
+    L.atomic_write_json(back, path)
+    assert path.read_text() == text  # rewriting a read-back log changes nothing
+
+
 def test_summarize_final_and_best():
     h = {"evals": [{"step": 10, "epoch": 1, "dev_loss": 0.5, "accuracy": 0.7},
                    {"step": 20, "epoch": 2, "dev_loss": 0.4, "accuracy": 0.8},
