@@ -84,14 +84,19 @@ def log_path(logs_dir, task: str, run_id: str) -> Path:
 _NUMBER_LIST = re.compile(r"\[\s+([-+\d.eE,\s]+?)\s+\]")  # a JSON list of plain numbers
 
 
+def sig7(x: float) -> float:
+    """``x`` at 7 significant digits: float32's precision, which the losses were computed in."""
+    return float(f"{x:.7g}")
+
+
 def _round_series(obj):
-    """Floats inside lists of numbers (the per-step train arrays) at 7 significant digits,
-    float32's precision, which the losses were computed in; scalars stay exact."""
+    """Floats inside lists of numbers (the per-step train arrays) at ``sig7``; scalars stay
+    exact."""
     if isinstance(obj, dict):
         return {k: _round_series(v) for k, v in obj.items()}
     if isinstance(obj, list):
         if obj and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in obj):
-            return [float(f"{x:.7g}") if isinstance(x, float) else x for x in obj]
+            return [sig7(x) if isinstance(x, float) else x for x in obj]
         return [_round_series(x) for x in obj]
     return obj
 
@@ -208,12 +213,14 @@ def resumed_history(checkpointed: dict, stored: dict | None, epoch: int) -> dict
 
 
 def record_step(history: dict, step: int, loss: float, lr: float, penalty=None) -> None:
+    """Append one optimizer step, its numbers at ``sig7`` as the log stores them, so a run's
+    history in memory, its log and a resumed run's history are the same numbers."""
     t = history["train"]
     t["step"].append(step)
-    t["loss"].append(loss)
-    t["lr"].append(lr)
+    t["loss"].append(sig7(loss))
+    t["lr"].append(sig7(lr))
     if "penalty" in t:
-        t["penalty"].append(penalty)
+        t["penalty"].append(None if penalty is None else sig7(penalty))
 
 
 def record_eval(history: dict, step: int, epoch: float, metrics: dict) -> dict:
