@@ -89,22 +89,11 @@ def sig7(x: float) -> float:
     return float(f"{x:.7g}")
 
 
-def _round_series(obj):
-    """Floats inside lists of numbers (the per-step train arrays) at ``sig7``; scalars stay
-    exact."""
-    if isinstance(obj, dict):
-        return {k: _round_series(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        if obj and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in obj):
-            return [sig7(x) if isinstance(x, float) else x for x in obj]
-        return [_round_series(x) for x in obj]
-    return obj
-
-
 def to_json(obj) -> str:
-    """A log's JSON text: indented for reading, number lists on one line and rounded as in
-    ``_round_series`` (a 5-epoch log is 40% smaller, which the GPU kit's carry limit needs)."""
-    text = json.dumps(_round_series(obj), indent=1)
+    """A log's JSON text: indented for reading, each list of numbers on one line (a 5-epoch log
+    is 40% smaller, which the GPU kit's carry limit needs). Numbers are written exactly as
+    given: the per-step series are already at ``sig7``, rounded once by ``record_step``."""
+    text = json.dumps(obj, indent=1)
     return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m[1].split(",")) + "]",
                             text)
 

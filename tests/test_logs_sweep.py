@@ -50,20 +50,22 @@ def test_atomic_write_keeps_old_file_on_error(tmp_path):
     assert oct(p.stat().st_mode & 0o777) == "0o644"
 
 
-def test_log_json_rounds_only_number_series_and_reads_back(tmp_path):
-    h = {"train": {"step": [1, 2, 3], "loss": [0.6931471805599453, 0.1 + 0.2, 2e-12]},
+def test_steps_are_rounded_once_at_record_time_and_written_exactly(tmp_path):
+    h = {"train": {"step": [], "loss": [], "lr": []},
          "test": {"at_best": {"accuracy": 0.7156862745098039}}, "names": ["a", "b"],
-         "evals": [{"step": 1, "loss": 0.123456789012}]}
+         "evals": [{"step": 1, "loss": 0.123456789012}], "ratio": [0.1 + 0.2, 1]}
+    for step, loss in enumerate([0.6931471805599453, 0.1 + 0.2, 2e-12], 1):
+        L.record_step(h, step, loss, lr=1e-3 / 3)
+    assert h["train"]["loss"] == [0.6931472, 0.3, 2e-12]  # 7 significant digits, in memory
+    assert h["train"]["lr"] == [0.0003333333] * 3
     path = tmp_path / "log.json"
     L.atomic_write_json(h, path)
     text = path.read_text()
-    back = json.loads(text)
-    assert back["train"]["step"] == [1, 2, 3]
-    assert back["train"]["loss"] == [0.6931472, 0.3, 2e-12]  # 7 significant digits
-    assert back["test"] == h["test"] and back["evals"] == h["evals"]  # scalars exact
-    assert back["names"] == ["a", "b"]
+    assert json.loads(text) == h  # the writer rounds nothing: scalars and lists stay exact
     assert '"loss": [0.6931472, 0.3, 2e-12]' in text  # one line per series
-    L.atomic_write_json(back, path)
+    assert '"ratio": [0.30000000000000004, 1]' in text
+    assert '"names": [\n' in text  # lists of strings keep json's layout
+    L.atomic_write_json(json.loads(text), path)
     assert path.read_text() == text  # rewriting a read-back log changes nothing
 
 
