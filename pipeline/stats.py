@@ -265,6 +265,46 @@ def with_bootstrap(cmp: pd.DataFrame, boot: pd.DataFrame | None) -> pd.DataFrame
     return out
 
 
+# ---------------------------------------------------------------- the answer, one table
+ANSWER_MARKS = {"per_comparison": "†", "boot_includes_0": "‡", "boot_only": "§"}
+ANSWER_LEGEND = ("Each cell: method − {baseline} on the task's test metric at the val-best step, "
+                 "mean of the paired per-seed differences, 95% t CI, and the interval's "
+                 "verdict (better / worse: the CI excludes 0; undetermined otherwise). "
+                 "† better/worse per comparison only (Holm p ≥ 0.05 over the task's inits); "
+                 "‡ the example-level bootstrap CI includes 0 (within test-set sampling "
+                 "noise); § undetermined across seeds but the bootstrap CI excludes 0. "
+                 "Details: stats.md.")
+
+
+def answer_table(cmp: pd.DataFrame, boot: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The study's answer at a glance: a row per method, a column per task, each cell the
+    paired difference from ``compare`` (one quantity per task, e.g. the test metric), its CI
+    and verdict in one short string, marked with ``ANSWER_MARKS`` where Holm's correction or
+    the bootstrap (``with_bootstrap``) qualifies it."""
+    c = with_bootstrap(cmp, boot)
+    if c.groupby("task")["quantity"].nunique().gt(1).any():
+        raise ValueError("answer_table: one quantity per task; pass compare() on the test "
+                         "metric only (or filter cmp by its 'quantity' column)")
+
+    def cell(r) -> str:
+        word = r.verdict.split(" at n")[0]
+        marks = "".join(m for flag, m in ANSWER_MARKS.items() if bool(getattr(r, flag, False)))
+        if not np.isfinite(r.ci_low):
+            return f"{_fmt(r.mean_diff, '+.3f')} (n = {r.n}: no interval)"
+        return (f"{r.mean_diff:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] "
+                f"{word}{marks} (n = {r.n})")
+
+    cells = {(r.method, f"{task_label(r.task)} ({r.quantity.removeprefix('test_')})"): cell(r)
+             for r in c.itertuples(index=False)}
+    out = pd.Series(cells).unstack()
+    reference = set(c.loc[c["family"] == "reference", "method"])  # after the question's rows
+    out = out.loc[sorted(out.index, key=lambda m: (m in reference, method_order(m)))]
+    out = out.fillna("not run")
+    out.index = [label(m) for m in out.index]
+    out.index.name = f"method − {label(c['baseline'].iloc[0])}"
+    return out
+
+
 # ---------------------------------------------------------------- markdown
 def _fmt(x, spec=".3f"):
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)

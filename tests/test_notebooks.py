@@ -59,12 +59,14 @@ def test_presentation_notebook_writes_the_figures(smoke_logs):
     written = {p.name for p in figures.iterdir()}
     # the smoke logs follow the study protocol (val split, test at the val-best step)
     assert {"study_mrpc_curves.png", "study_rte_curves.png", "study_cola_curves.png",
-            "study_results.md", "study_results.csv", "stats.md", "forest.png",
+            "study_results.md", "study_results.csv", "stats.md", "answer.md", "forest.png",
             "study_convergence.png"} <= written
     table = (figures / "study_results.md").read_text()
     assert all(m in table for m in ("LoRA-FA svd (S in B)", "LoRA-FA orthogonal",
                                      "LoRA-FA gradient"))
     assert "undetermined at n = 1" in (figures / "stats.md").read_text()
+    answer = (figures / "answer.md").read_text()
+    assert answer.startswith("| method − LoRA-FA orthogonal") and "| MRPC (accuracy)" in answer
 
 
 def test_presentation_notebook_with_one_complete_method_skips_the_paired_stats(smoke_logs):
@@ -83,5 +85,6 @@ def test_presentation_notebook_with_one_complete_method_skips_the_paired_stats(s
     nb = execute("plots_for_preso.ipynb", tmp, logs_dir=str(part.parent),
                  figures_dir=str(figures), lr_dir=str(tmp / "absent"), sweeps={})
     assert (figures / "study_results.md").is_file() and not (figures / "stats.md").exists()
+    assert not (figures / "answer.md").exists()
     out = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     assert "no paired comparison yet" in out

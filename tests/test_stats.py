@@ -269,3 +269,32 @@ def test_convergence_compare_pairs_steps_by_seed_and_words_the_interval():
     md = S.stats_markdown(pd.DataFrame(columns=["task", "quantity", "baseline"]), conv=c)
     assert "| LoRA-FA svd (S in B) | 2/3 | 65 | 0.700 | 1 / 1 / 1 | +0 [" in md
     assert "| LoRA-FA orthogonal | 3/3 | 80 | 0.700 | – | – | – |  |" in md
+
+
+def test_answer_table_is_one_cell_per_method_and_task_with_its_caveats():
+    cmp = pd.DataFrame({"task": ["mrpc", "mrpc", "mrpc", "cola", "cola"],
+                        "quantity": ["test_accuracy"] * 3 + ["test_matthews"] * 2,
+                        "baseline": "orthogonal",
+                        "method": ["svd", "gradient", "full", "svd", "gradient"],
+                        "family": ["question", "question", "reference", "question", "question"],
+                        "n": [5, 5, 3, 5, 1], "mean_diff": [0.017, 0.004, 0.02, -0.1, 0.2],
+                        "ci_low": [0.012, -0.01, 0.01, -0.2, np.nan],
+                        "ci_high": [0.021, 0.02, 0.03, -0.01, np.nan],
+                        "verdict": ["better", "undetermined at n = 5", "better", "worse",
+                                    "undetermined at n = 1"],
+                        "per_comparison": [False, False, False, True, False], "note": ""})
+    boot = pd.DataFrame({"task": "mrpc", "metric": "accuracy", "method": ["svd", "gradient"],
+                         "ci_low": [-0.003, 0.001], "ci_high": [0.038, 0.01]})
+    t = S.answer_table(cmp, boot)
+    assert list(t.columns) == ["CoLA (matthews)", "MRPC (accuracy)"]
+    # the question's inits in METHODS order, the references after them
+    assert list(t.index) == ["LoRA-FA svd (S in B)", "LoRA-FA gradient", "full FT"]
+    assert t.index.name == "method − LoRA-FA orthogonal"
+    assert t.loc["LoRA-FA svd (S in B)", "MRPC (accuracy)"] == "+0.017 [+0.012, +0.021] better‡ (n = 5)"
+    assert t.loc["LoRA-FA gradient", "MRPC (accuracy)"].endswith("undetermined§ (n = 5)")
+    assert t.loc["LoRA-FA svd (S in B)", "CoLA (matthews)"].endswith("worse† (n = 5)")
+    assert t.loc["LoRA-FA gradient", "CoLA (matthews)"] == "+0.200 (n = 1: no interval)"
+    assert t.loc["full FT", "CoLA (matthews)"] == "not run"
+    assert t.loc["full FT", "MRPC (accuracy)"] == "+0.020 [+0.010, +0.030] better (n = 3)"
+    with pytest.raises(ValueError, match="one quantity per task"):
+        S.answer_table(pd.concat([cmp, cmp.assign(quantity="auc")]))
