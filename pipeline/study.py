@@ -253,7 +253,7 @@ def study_configs(spec: Study, selected_lrs: dict, seeds=None, tasks=None,
     A method with no selected lr (every lr failed) or no choice yet (its bracket is open) is
     left out: it joins once ``select_lrs`` chooses, and pairs by seed then."""
     out = []
-    for task in tasks or spec.tasks:
+    for task in spec.tasks if tasks is None else tasks:
         chosen = selected_lrs.get(task)
         if not chosen:
             raise ValueError(f"no lrs selected for {task}: run `python -m pipeline.study lr "
@@ -650,7 +650,11 @@ def main(argv=None) -> int:
         if a.phase in ("main", "all"):
             try:
                 chosen = read_selection(a.figures_dir)
-                cfgs += study_configs(spec, chosen, tasks=[t for t in tasks if t in chosen],
+                waiting = [t for t in tasks if not chosen.get(t)]
+                if waiting:
+                    print(f"main grid: no lrs selected yet for {', '.join(waiting)} (its lr "
+                          f"runs come first)")
+                cfgs += study_configs(spec, chosen, tasks=[t for t in tasks if chosen.get(t)],
                                       logs_dir=a.logs_dir, profile=profile, **overrides)
             except FileNotFoundError as e:
                 print(f"main grid: {e}")

@@ -378,6 +378,21 @@ def test_work_runs_main_grids_while_another_worker_ends_a_bracket(tmp_path, monk
                      + lr[12:] + ["mrpc-full-lr3e-05-n64-lg-s0"])
 
 
+def test_dry_run_of_a_task_without_selected_lrs_lists_only_its_lr_runs(tmp_path, capsys):
+    """`study all --tasks rte --dry-run` while only MRPC has lrs: RTE's lr runs, a line saying
+    its main grid waits, and none of MRPC's runs (an empty task list is not 'every task')."""
+    lr_dir, fig, main = (str(tmp_path / d) for d in ("lr", "fig", "main"))
+    for c in S.lr_selection_configs(S.SMOKE, "mrpc", lr_dir):
+        fake_log(c, value=0.7)
+    S.select_lrs(lr_dir, S.SMOKE, ["mrpc"], fig)
+    assert S.study_configs(S.SMOKE, S.read_selection(fig), tasks=[], logs_dir=main) == []
+    assert S.main(["all", "--smoke", "--tasks", "rte", "--dry-run", "--figures-dir", fig,
+                   "--lr-logs-dir", lr_dir, "--logs-dir", main]) == 0
+    out = capsys.readouterr().out
+    assert "main grid: no lrs selected yet for rte" in out
+    assert "rte-lorafa-orthogonal" in out and "mrpc-" not in out
+
+
 def test_cli_rejects_a_task_outside_the_study(capsys):
     with pytest.raises(SystemExit):
         S.main(["lr", "--tasks", "mnli"])
