@@ -16,7 +16,7 @@ import pandas as pd
 
 from .analysis import _as_list, complete, curve_stats, main_metric, method_order, task_label
 from .methods import METHODS, label
-from .stats import with_bootstrap
+from .stats import CAVEATS, caveats, with_bootstrap
 
 # one colour per method in every figure (tab10 hues; a method without one would take
 # matplotlib's cycle and could share a hue with another, as svd_sqrt once shared full FT's blue)
@@ -214,11 +214,12 @@ def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str 
     few seeds give a far wider interval runs off the axis, with its interval in its note,
     rather than squeezing the inits' intervals into a sliver."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     cmp = with_bootstrap(cmp, boot)
     tasks = sorted(cmp["task"].unique())
     rows = cmp.groupby("task").size().max()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(max(8, 5.2 * len(tasks)), 0.55 * rows + 1.6),
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(8, 6.2 * len(tasks)), 0.55 * rows + 1.6),
                              squeeze=False)
     for ax, task in zip(axes[0], tasks):
         g = cmp[cmp["task"] == task].sort_values("method", key=lambda s: s.map(method_order))
@@ -233,18 +234,14 @@ def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str 
                 ax.plot([r.boot_low, r.boot_high], [y - 0.25] * 2, color=color, lw=1, alpha=0.7)
             note = (r.note if r.n == 0 else r.verdict if "n =" in r.verdict
                     else f"{r.verdict} (n = {r.n})")
-            if r.boot_includes_0:
-                note += ",\nbut its bootstrap CI includes 0"
-            if r.boot_only:
-                note += ",\nthough its bootstrap CI excludes 0"
-            if getattr(r, "per_comparison", False):
-                note += ",\nper comparison only (Holm p ≥ 0.05)"
+            note += "".join(f",\n{CAVEATS[flag][1]}" for flag in caveats(r))
             if np.isfinite(r.ci_low) and (r.ci_low < xlim[0] or r.ci_high > xlim[1]):
                 note += f",\nt CI [{r.ci_low:+.2f}, {r.ci_high:+.2f}] off the axis"
             ax.annotate(note, (1.02, y), xycoords=("axes fraction", "data"), va="center",
                         fontsize=8)
         ax.axvline(0, color="0.3", lw=1, ls="--")
         ax.set_xlim(*xlim)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=3, steps=[1, 2, 5, 10]))  # a narrow axis: labels must not touch
         ax.set_yticks(ys, [label(m) for m in g["method"]])
         ax.set_ylim(-0.7, rows - 0.3)
         ax.set_xlabel(f"{g['quantity'].iloc[0]}: method − {label(g['baseline'].iloc[0])}")

@@ -266,7 +266,20 @@ def with_bootstrap(cmp: pd.DataFrame, boot: pd.DataFrame | None) -> pd.DataFrame
 
 
 # ---------------------------------------------------------------- the answer, one table
-ANSWER_MARKS = {"per_comparison": "†", "boot_includes_0": "‡", "boot_only": "§"}
+# the three caveats a verdict can carry, one place for every view of them: the flag column
+# (``compare``'s per_comparison, ``with_bootstrap``'s two), its mark in the answer table, and
+# its words beside the forest plot's row
+CAVEATS = {"per_comparison": ("†", "per comparison only (Holm p ≥ 0.05)"),
+           "boot_includes_0": ("‡", "but its bootstrap CI includes 0"),
+           "boot_only": ("§", "though its bootstrap CI excludes 0")}
+ANSWER_MARKS = {flag: mark for flag, (mark, _) in CAVEATS.items()}
+
+
+def caveats(row) -> list[str]:
+    """The ``CAVEATS`` flags set on one row of ``with_bootstrap``'s frame (a named tuple or a
+    Series; a flag column that is missing counts as unset)."""
+    return [flag for flag in CAVEATS if bool(getattr(row, flag, False))]
+
 ANSWER_LEGEND = ("Each cell: method − {baseline} on the task's test metric at the val-best step, "
                  "mean of the paired per-seed differences, 95% t CI, and the interval's "
                  "verdict (better / worse: the CI excludes 0; undetermined otherwise). "
@@ -288,7 +301,7 @@ def answer_table(cmp: pd.DataFrame, boot: pd.DataFrame | None = None) -> pd.Data
 
     def cell(r) -> str:
         word = r.verdict.split(" at n")[0]
-        marks = "".join(m for flag, m in ANSWER_MARKS.items() if bool(getattr(r, flag, False)))
+        marks = "".join(ANSWER_MARKS[flag] for flag in caveats(r))
         if not np.isfinite(r.ci_low):
             return f"{_fmt(r.mean_diff, '+.3f')} (n = {r.n}: no interval)"
         return (f"{r.mean_diff:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] "

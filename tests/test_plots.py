@@ -172,3 +172,57 @@ def test_forest_panels_share_the_row_spacing_when_a_task_has_fewer_methods():
     assert mrpc.get_ylim() == rte.get_ylim()
     assert [t.get_text() for t in rte.get_yticklabels()] == ["LoRA-FA svd (S in B)"]
     assert rte.get_yticks()[0] == max(mrpc.get_yticks())  # the top row
+
+
+def test_forest_notes_carry_the_caveats_the_answer_table_marks():
+    """The forest plot and the answer table read the same caveat flags: every flagged row's
+    note has the caveat's words, an unflagged row has none of them."""
+    import pandas as pd
+    from pipeline import stats as S
+    from pipeline.methods import label
+    cmp = pd.DataFrame({"task": "mrpc", "quantity": "test_accuracy", "baseline": "orthogonal",
+                        "method": ["svd", "gradient", "svd_minor"], "family": "question",
+                        "n": 5, "mean_diff": [0.017, 0.004, -0.03],
+                        "ci_low": [0.012, -0.01, -0.05], "ci_high": [0.021, 0.02, -0.01],
+                        "t_p": 0.01, "wilcoxon_p": 0.05,
+                        "verdict": ["better", "undetermined at n = 5", "worse"],
+                        "per_comparison": [False, False, True], "note": ""})
+    boot = pd.DataFrame({"task": "mrpc", "metric": "accuracy",
+                         "method": ["svd", "gradient", "svd_minor"],
+                         "ci_low": [-0.003, 0.001, -0.06], "ci_high": [0.038, 0.01, -0.02]})
+    ax = P.plot_forest(cmp, boot).axes[0]
+    notes = {t.get_text().split(",")[0].split(" (n")[0]: t.get_text() for t in ax.texts}
+    words = {flag: w for flag, (_, w) in S.CAVEATS.items()}
+    assert words["boot_includes_0"] in notes["better"]
+    assert words["boot_only"] in notes["undetermined at n = 5"]
+    assert words["per_comparison"] in notes["worse"]
+    for note, flagged in [(notes["better"], "boot_includes_0"),
+                          (notes["undetermined at n = 5"], "boot_only"),
+                          (notes["worse"], "per_comparison")]:
+        assert [f for f, w in words.items() if w in note] == [flagged]
+    table = S.answer_table(cmp, boot)["MRPC (accuracy)"]
+    marks = {m: table[label(m)].split(" (n")[0][-1] for m in ["svd", "gradient", "svd_minor"]}
+    assert marks == {"svd": "‡", "gradient": "§", "svd_minor": "†"}
+
+
+def test_forest_tick_labels_do_not_touch_in_a_narrow_panel():
+    """Three panels of seven long-labelled methods with two-line notes (the study's forest):
+    what is left for each axis is narrow, and its tick labels must still not run together."""
+    import pandas as pd
+    from pipeline.methods import METHODS
+    methods = [m for m in METHODS if m != "orthogonal"][:7]
+    cmp = pd.concat([pd.DataFrame({
+        "task": task, "quantity": "test_accuracy", "baseline": "orthogonal",
+        "method": methods, "family": "question", "n": 5, "mean_diff": 0.004,
+        "ci_low": -0.138, "ci_high": 0.138, "t_p": 0.9, "wilcoxon_p": 1.0,
+        "verdict": "better", "per_comparison": True, "note": ""})
+        for task in ["mrpc", "cola", "rte"]])
+    fig = P.plot_forest(cmp)
+    fig.canvas.draw()
+    for ax in fig.axes[:3]:
+        lo, hi = ax.get_xlim()
+        boxes = [t.get_window_extent() for t in ax.get_xticklabels()
+                 if t.get_text() and lo <= t.get_position()[0] <= hi]
+        assert len(boxes) >= 2
+        gaps = [b.x0 - a.x1 for a, b in zip(boxes, boxes[1:])]
+        assert min(gaps) > 4, [t.get_text() for t in ax.get_xticklabels()]  # pixels
