@@ -66,6 +66,20 @@ def _min_span(ax, span=0.1):
         ax.set_ylim(mid - span / 2, mid + span / 2)
 
 
+def _task_panels(n: int, width: float, height: float):
+    """A figure with one panel per task, at most three to a row (four tasks: 2 x 2), each
+    panel ``width`` x ``height`` inches; returns the figure and the n axes, row by row."""
+    import matplotlib.pyplot as plt
+
+    nrows = -(-n // 3)
+    ncols = -(-n // nrows)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(8, width * ncols), height * nrows),
+                             squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.remove()
+    return fig, list(axes.ravel()[:n])
+
+
 def _legend_below(fig, handles, labels, ncol=3):
     """One legend for the whole figure, under the panels (saved with bbox_inches='tight')."""
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize="small",
@@ -213,15 +227,13 @@ def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str 
     methods (``family`` 'question', when ``cmp`` has it) and every point: a reference whose
     few seeds give a far wider interval runs off the axis, with its interval in its note,
     rather than squeezing the inits' intervals into a sliver."""
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     cmp = with_bootstrap(cmp, boot)
     tasks = sorted(cmp["task"].unique())
     rows = cmp.groupby("task").size().max()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(max(8, 6.2 * len(tasks)), 0.55 * rows + 1.6),
-                             squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = _task_panels(len(tasks), 6.2, 0.55 * rows + 1.6)
+    for ax, task in zip(axes, tasks):
         g = cmp[cmp["task"] == task].sort_values("method", key=lambda s: s.map(method_order))
         ys = rows - 1 - np.arange(len(g))  # from the top, one row spacing for every panel
         xlim = _forest_xlim(g)
@@ -264,13 +276,10 @@ def plot_convergence(conv: pd.DataFrame, title: str | None = None):
     target as a filled dot; a run that never reached it (censored) as an open triangle at
     its last step (it had that many steps and did not get there); 'k/n reached' at the
     right."""
-    import matplotlib.pyplot as plt
-
     tasks = sorted(conv["task"].unique())
     n_methods = conv.groupby("task")["method"].nunique().max()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(max(8, 5.2 * len(tasks)),
-                                                     0.5 * n_methods + 1.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = _task_panels(len(tasks), 5.2, 0.5 * n_methods + 1.8)
+    for ax, task in zip(axes, tasks):
         c = conv[conv["task"] == task]
         methods = sorted(c["method"].unique(), key=method_order)
         for y, m in zip(range(len(methods))[::-1], methods):

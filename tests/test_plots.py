@@ -12,6 +12,14 @@ from synthetic_logs import write_run
 matplotlib.use("Agg")
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Every test's figures are closed after it (pyplot keeps them otherwise)."""
+    yield
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
 @pytest.fixture
 def study(tmp_path):
     for s in range(3):
@@ -178,7 +186,6 @@ def test_forest_notes_carry_the_caveats_the_answer_table_marks():
     """The forest plot and the answer table read the same caveat flags: every flagged row's
     note has the caveat's words, an unflagged row has none of them."""
     import pandas as pd
-    from pipeline import stats as S
     from pipeline.methods import label
     cmp = pd.DataFrame({"task": "mrpc", "quantity": "test_accuracy", "baseline": "orthogonal",
                         "method": ["svd", "gradient", "svd_minor"], "family": "question",
@@ -226,3 +233,25 @@ def test_forest_tick_labels_do_not_touch_in_a_narrow_panel():
         assert len(boxes) >= 2
         gaps = [b.x0 - a.x1 for a, b in zip(boxes, boxes[1:])]
         assert min(gaps) > 4, [t.get_text() for t in ax.get_xticklabels()]  # pixels
+
+
+@pytest.mark.parametrize("n_tasks, grid", [(3, (1, 3)), (4, (2, 2)), (5, (2, 3))])
+def test_forest_and_convergence_wrap_many_tasks_into_rows(n_tasks, grid):
+    """Four or five tasks do not make one strip 25 inches wide: at most three panels a row."""
+    import pandas as pd
+    tasks = ["mrpc", "cola", "rte", "stsb", "sst2"][:n_tasks]
+    cmp = pd.DataFrame({"task": tasks, "quantity": "test_accuracy", "baseline": "orthogonal",
+                        "method": "svd", "family": "question", "n": 5, "mean_diff": 0.01,
+                        "ci_low": -0.01, "ci_high": 0.03, "t_p": 0.3, "wilcoxon_p": 0.4,
+                        "verdict": "undetermined at n = 5", "note": ""})
+    conv = pd.DataFrame({"task": tasks, "method": "svd", "seed": 0, "baseline": "orthogonal",
+                         "steps_to_target": 100.0, "last_step": 500, "censored": False,
+                         "target": 0.7, "target_of": "final val accuracy",
+                         "metric": "accuracy"})
+    for fig in (P.plot_forest(cmp), P.plot_convergence(conv)):
+        axes = [ax for ax in fig.axes if ax.get_title()]
+        assert len(axes) == n_tasks
+        rows = {round(ax.get_position().y0, 3) for ax in axes}
+        cols = {round(ax.get_position().x0, 3) for ax in axes}
+        assert (len(rows), len(cols)) == grid
+        assert fig.get_size_inches()[0] < 20
