@@ -53,7 +53,7 @@ test: setup
 # resume), the pilot follow-ups, then the figures and tables in figures/.
 experiments: study
 	mkdir -p runs
-	for nb in mrpc rte cola regularization; do \
+	for nb in mrpc rte cola stsb regularization; do \
 	    $(BIN)/papermill --log-output $${nb}_experiment.ipynb runs/$${nb}_experiment.ipynb || exit 1; done
 	$(MAKE) followups plots
 

@@ -20,11 +20,11 @@ def execute(name, out_dir, **params):
 
 @pytest.fixture(scope="module")
 def smoke_logs(tmp_path_factory, tiny_bert_dir, glue_dir):
-    """Run the three task notebooks on a few dozen examples (a tiny random BERT with the
+    """Run the four task notebooks on a few dozen examples (a tiny random BERT with the
     MiniLM tokenizer, to keep CI fast) into one temporary logs folder."""
     tmp = tmp_path_factory.mktemp("nb")
     logs = tmp / "logs"
-    for task in ("mrpc", "rte", "cola"):
+    for task in ("mrpc", "rte", "cola", "stsb"):
         execute(f"{task}_experiment.ipynb", tmp, logs_dir=str(logs), model=tiny_bert_dir(),
                 methods=["orthogonal", "svd", "gradient"],
                 lrs={"orthogonal": 5e-3, "svd": 5e-3, "gradient": 5e-3}, **SMOKE)
@@ -33,7 +33,7 @@ def smoke_logs(tmp_path_factory, tiny_bert_dir, glue_dir):
 
 def test_task_notebooks_write_one_complete_log_per_run(smoke_logs):
     _, logs = smoke_logs
-    for task in ("mrpc", "rte", "cola"):
+    for task in ("mrpc", "rte", "cola", "stsb"):
         files = sorted((logs / task).glob("*.json"))
         assert [f.name.split("-")[2] for f in files] == ["gradient", "orthogonal", "svd"]
         assert all(json.loads(f.read_text())["status"] == "complete" for f in files)
@@ -59,7 +59,7 @@ def test_presentation_notebook_writes_the_figures(smoke_logs):
     written = {p.name for p in figures.iterdir()}
     # the smoke logs follow the study protocol (val split, test at the val-best step)
     assert {"study_mrpc_curves.png", "study_rte_curves.png", "study_cola_curves.png",
-            "study_results.md", "study_results.csv", "stats.md", "answer.md", "forest.png",
+            "study_stsb_curves.png", "study_results.md", "study_results.csv", "stats.md", "answer.md", "forest.png",
             "study_convergence.png"} <= written
     table = (figures / "study_results.md").read_text()
     assert all(m in table for m in ("LoRA-FA svd (S in B)", "LoRA-FA orthogonal",
@@ -67,6 +67,7 @@ def test_presentation_notebook_writes_the_figures(smoke_logs):
     assert "undetermined at n = 1" in (figures / "stats.md").read_text()
     answer = (figures / "answer.md").read_text()
     assert answer.startswith("| method − LoRA-FA orthogonal") and "| MRPC (accuracy)" in answer
+    assert "| STS-B (pearson)" in answer  # the regression task's column: its correlation
 
 
 def test_presentation_notebook_with_one_complete_method_skips_the_paired_stats(smoke_logs):
