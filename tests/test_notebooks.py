@@ -71,17 +71,19 @@ def test_presentation_notebook_writes_the_figures(smoke_logs):
 
 
 def test_presentation_notebook_with_one_complete_method_skips_the_paired_stats(smoke_logs):
-    """A study part-way through: the baseline complete, a second method still running."""
+    """A study part-way through: the baseline complete, a second method still running, and a
+    task whose first run is still going (no curves for it yet, the rest drawn)."""
     tmp, logs = smoke_logs
-    part = tmp / "partial" / "mrpc"
-    part.mkdir(parents=True)
-    for f in (logs / "mrpc").glob("*.json"):
-        h = json.loads(f.read_text())
-        if "-svd-" in f.name:
-            h["status"] = "running"
-        elif "-orthogonal-" not in f.name:
-            continue
-        (part / f.name).write_text(json.dumps(h))
+    for task in ("mrpc", "rte"):
+        part = tmp / "partial" / task
+        part.mkdir(parents=True)
+        for f in (logs / task).glob("*.json"):
+            h = json.loads(f.read_text())
+            if "-svd-" in f.name or task == "rte":
+                h["status"] = "running"
+            elif "-orthogonal-" not in f.name:
+                continue
+            (part / f.name).write_text(json.dumps(h))
     figures = tmp / "partial_figures"
     nb = execute("plots_for_preso.ipynb", tmp, logs_dir=str(part.parent),
                  figures_dir=str(figures), lr_dir=str(tmp / "absent"), sweeps={})
@@ -89,3 +91,6 @@ def test_presentation_notebook_with_one_complete_method_skips_the_paired_stats(s
     assert not (figures / "answer.md").exists()
     out = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     assert "no paired comparison yet" in out
+    assert "rte: no complete study run yet" in out
+    assert (figures / "study_mrpc_curves.png").is_file()
+    assert not (figures / "study_rte_curves.png").exists()
