@@ -66,7 +66,7 @@ def _min_span(ax, span=0.1):
         ax.set_ylim(mid - span / 2, mid + span / 2)
 
 
-def _task_panels(n: int, width: float, height: float):
+def task_panels(n: int, width: float, height: float):
     """A figure with one panel per task, at most three to a row (four tasks: 2 x 2), each
     panel ``width`` x ``height`` inches; returns the figure and the n axes, row by row."""
     import matplotlib.pyplot as plt
@@ -232,7 +232,7 @@ def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str 
     cmp = with_bootstrap(cmp, boot)
     tasks = sorted(cmp["task"].unique())
     rows = cmp.groupby("task").size().max()
-    fig, axes = _task_panels(len(tasks), 6.2, 0.55 * rows + 1.6)
+    fig, axes = task_panels(len(tasks), 6.2, 0.55 * rows + 1.6)
     for ax, task in zip(axes, tasks):
         g = cmp[cmp["task"] == task].sort_values("method", key=lambda s: s.map(method_order))
         ys = rows - 1 - np.arange(len(g))  # from the top, one row spacing for every panel
@@ -278,7 +278,7 @@ def plot_convergence(conv: pd.DataFrame, title: str | None = None):
     right."""
     tasks = sorted(conv["task"].unique())
     n_methods = conv.groupby("task")["method"].nunique().max()
-    fig, axes = _task_panels(len(tasks), 5.2, 0.5 * n_methods + 1.8)
+    fig, axes = task_panels(len(tasks), 5.2, 0.5 * n_methods + 1.8)
     for ax, task in zip(axes, tasks):
         c = conv[conv["task"] == task]
         methods = sorted(c["method"].unique(), key=method_order)
