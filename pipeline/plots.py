@@ -282,7 +282,8 @@ def plot_convergence(conv: pd.DataFrame, title: str | None = None):
     for ax, task in zip(axes, tasks):
         c = conv[conv["task"] == task]
         methods = sorted(c["method"].unique(), key=method_order)
-        for y, m in zip(range(len(methods))[::-1], methods):
+        ys = n_methods - 1 - np.arange(len(methods))  # from the top, one row spacing for all
+        for y, m in zip(ys, methods):
             g = c[c["method"] == m].sort_values("seed")
             dy = np.linspace(-0.2, 0.2, len(g)) if len(g) > 1 else np.zeros(1)  # seeds apart
             reached = ~g["censored"].to_numpy()
@@ -292,7 +293,8 @@ def plot_convergence(conv: pd.DataFrame, title: str | None = None):
                        edgecolors=color, marker=">", s=45)
             ax.annotate(f"{reached.sum()}/{len(g)} reached", (1.02, y),
                         xycoords=("axes fraction", "data"), va="center", fontsize=8)
-        ax.set_yticks(range(len(methods))[::-1], [label(m) for m in methods])
+        ax.set_yticks(ys, [label(m) for m in methods])
+        ax.set_ylim(-0.7, n_methods - 0.3)
         ax.set_xlim(0, 1.06 * c["last_step"].max())
         ax.set_xlabel("optimizer steps to reach the target")
         target, metric = c["target"], c["metric"].iloc[0]

@@ -255,3 +255,20 @@ def test_forest_and_convergence_wrap_many_tasks_into_rows(n_tasks, grid):
         cols = {round(ax.get_position().x0, 3) for ax in axes}
         assert (len(rows), len(cols)) == grid
         assert fig.get_size_inches()[0] < 20
+
+
+def test_convergence_panels_share_the_row_spacing_when_a_task_has_fewer_methods():
+    """STS-B with only its baseline finished: one row at the top of its panel, the seeds
+    within ±0.2 of it, not spread over the whole panel's height."""
+    import pandas as pd
+    rows = [(t, m, s) for t, ms in (("mrpc", ["orthogonal", "svd", "gradient"]),
+                                    ("stsb", ["orthogonal"])) for m in ms for s in range(5)]
+    conv = pd.DataFrame({"task": [t for t, _, _ in rows], "method": [m for _, m, _ in rows],
+                         "seed": [s for _, _, s in rows], "baseline": "orthogonal",
+                         "steps_to_target": 300.0, "last_step": 800, "censored": False,
+                         "target": 0.8, "target_of": "final val metric", "metric": "accuracy"})
+    mrpc, stsb = [ax for ax in P.plot_convergence(conv).axes if ax.get_title()]
+    assert mrpc.get_ylim() == stsb.get_ylim()
+    assert stsb.get_yticks()[0] == max(mrpc.get_yticks())
+    ys = stsb.collections[0].get_offsets()[:, 1]
+    assert np.ptp(ys) <= 0.4 + 1e-9 and abs(ys.mean() - stsb.get_yticks()[0]) < 1e-9
