@@ -80,6 +80,16 @@ def task_panels(n: int, width: float, height: float):
     return fig, list(axes.ravel()[:n])
 
 
+def _rows_from_top(ax, n_rows: int, labels: list[str]) -> np.ndarray:
+    """y positions for ``labels``, one row each from the top of a panel with room for
+    ``n_rows`` (so every task panel of a figure keeps the same row spacing); sets the ticks
+    and the y-range."""
+    ys = n_rows - 1 - np.arange(len(labels))
+    ax.set_yticks(ys, labels)
+    ax.set_ylim(-0.7, n_rows - 0.3)
+    return ys
+
+
 def _legend_below(fig, handles, labels, ncol=3):
     """One legend for the whole figure, under the panels (saved with bbox_inches='tight')."""
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize="small",
@@ -235,7 +245,7 @@ def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str 
     fig, axes = task_panels(len(tasks), 6.2, 0.55 * rows + 1.6)
     for ax, task in zip(axes, tasks):
         g = cmp[cmp["task"] == task].sort_values("method", key=lambda s: s.map(method_order))
-        ys = rows - 1 - np.arange(len(g))  # from the top, one row spacing for every panel
+        ys = _rows_from_top(ax, rows, [label(m) for m in g["method"]])
         xlim = _forest_xlim(g)
         for y, r in zip(ys, g.itertuples()):
             color = METHOD_COLORS.get(r.method, "0.2")
@@ -253,9 +263,8 @@ def plot_forest(cmp: pd.DataFrame, boot: pd.DataFrame | None = None, title: str 
                         fontsize=8)
         ax.axvline(0, color="0.3", lw=1, ls="--")
         ax.set_xlim(*xlim)
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=3, steps=[1, 2, 5, 10]))  # a narrow axis: labels must not touch
-        ax.set_yticks(ys, [label(m) for m in g["method"]])
-        ax.set_ylim(-0.7, rows - 0.3)
+        # a narrow axis: at most 3 bins of a 1-2-5 step, so the tick labels do not touch
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=3, steps=[1, 2, 5, 10]))
         ax.set_xlabel(f"{g['quantity'].iloc[0]}: method − {label(g['baseline'].iloc[0])}")
         ax.set_title(task_label(task))
         ax.grid(axis="x", alpha=0.3)
@@ -282,7 +291,7 @@ def plot_convergence(conv: pd.DataFrame, title: str | None = None):
     for ax, task in zip(axes, tasks):
         c = conv[conv["task"] == task]
         methods = sorted(c["method"].unique(), key=method_order)
-        ys = n_methods - 1 - np.arange(len(methods))  # from the top, one row spacing for all
+        ys = _rows_from_top(ax, n_methods, [label(m) for m in methods])
         for y, m in zip(ys, methods):
             g = c[c["method"] == m].sort_values("seed")
             dy = np.linspace(-0.2, 0.2, len(g)) if len(g) > 1 else np.zeros(1)  # seeds apart
@@ -293,8 +302,6 @@ def plot_convergence(conv: pd.DataFrame, title: str | None = None):
                        edgecolors=color, marker=">", s=45)
             ax.annotate(f"{reached.sum()}/{len(g)} reached", (1.02, y),
                         xycoords=("axes fraction", "data"), va="center", fontsize=8)
-        ax.set_yticks(ys, [label(m) for m in methods])
-        ax.set_ylim(-0.7, n_methods - 0.3)
         ax.set_xlim(0, 1.06 * c["last_step"].max())
         ax.set_xlabel("optimizer steps to reach the target")
         target, metric = c["target"], c["metric"].iloc[0]
