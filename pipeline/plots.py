@@ -134,10 +134,13 @@ def plot_curves(curves: pd.DataFrame, metric: str, by=("method",), x="step", ax=
 
 
 def plot_task(runs: pd.DataFrame, eval_curves: pd.DataFrame, train_curves: pd.DataFrame,
-              task: str, by: str = "method", smooth: int = 10, title: str | None = None):
-    """Two panels for one task: train loss (rolling mean over ``smooth`` steps) and the
+              task: str, by: str = "method", smooth: int = 10, title: str | None = None,
+              zoom_from: float | None = 0.5):
+    """Panels for one task: train loss (rolling mean over ``smooth`` steps) and the
     evaluated split's main metric (val, or dev for pilot logs) vs optimizer step, one line
-    per ``by`` group, mean ± std over seeds, complete runs only."""
+    per ``by`` group, mean ± std over seeds, complete runs only; with ``zoom_from``, a third
+    panel zooms on the metric's evaluations from that fraction of the last step on, where
+    the end points and the plateau check are read (still at least 0.1 of y range)."""
     import matplotlib.pyplot as plt
 
     r = runs[runs["task"] == task]
@@ -146,7 +149,8 @@ def plot_task(runs: pd.DataFrame, eval_curves: pd.DataFrame, train_curves: pd.Da
                          f"{sorted(runs['task'].unique())}")
     metric = main_metric(r)
     split = "dev" if (r["protocol"] == "pilot").all() else "val"
-    fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 3 if zoom_from else 2, figsize=(17 if zoom_from else 12, 4.2))
+    ax_loss, ax_dev = axes[:2]
     ids = train_curves["run_id"].isin(r["run_id"])  # only the runs given (e.g. one protocol)
     tr = complete(train_curves[ids & (train_curves["metric"] == "loss")]).sort_values("step")
     tr = tr.assign(value=tr.groupby("run_id")["value"].transform(
@@ -161,7 +165,17 @@ def plot_task(runs: pd.DataFrame, eval_curves: pd.DataFrame, train_curves: pd.Da
     _min_span(ax_dev)
     ax_loss.set_ylabel(f"train loss (mean of {smooth} steps)")
     ax_dev.set_ylabel(f"{split} {metric}")
-    for ax in (ax_loss, ax_dev):
+    if zoom_from:
+        ax_zoom = axes[2]
+        plot_curves(ev[ev["step"] >= zoom_from * ev["step"].max()], metric, by=(by,),
+                    ax=ax_zoom, legend=False)
+        _min_span(ax_zoom)
+        ylim = ax_zoom.get_ylim()
+        _chance_line(ax_zoom, metric, r, split)
+        ax_zoom.set_ylim(ylim)  # the floor only where it falls inside the zoom
+        ax_zoom.set_ylabel(f"{split} {metric}")
+        ax_zoom.set_title(f"zoom: from {zoom_from:.0%} of the steps on", fontsize="medium")
+    for ax in axes:
         ax.set_xlabel("optimizer step")
     fig.suptitle(title or f"{task_label(task)}: mean ± std over seeds (complete runs)")
     fig.tight_layout()

@@ -56,6 +56,20 @@ def test_plot_task_skips_running_runs_and_labels_the_split(study):
     assert hi - lo >= 0.1  # a few examples' difference does not fill the axis
 
 
+def test_plot_task_zooms_on_the_second_half(study):
+    runs = A.load_logs(study).assign(constant_val_accuracy=0.5)
+    fig = P.plot_task(runs, A.load_curves(study), A.load_curves(study, "train"), "mrpc")
+    full, zoom = fig.axes[1], fig.axes[2]
+    curves = [ln for ln in zoom.lines if "majority" not in ln.get_label()]
+    assert {x for ln in curves for x in ln.get_xdata()} == {20, 30}  # evals at 10, 20, 30
+    lo, hi = zoom.get_ylim()
+    assert lo > full.get_ylim()[0] and hi - lo >= 0.1  # zoomed in, but not onto a cliff
+    assert lo > 0.5  # the majority floor (0.5) does not stretch the zoom back out
+    fig2 = P.plot_task(runs, A.load_curves(study), A.load_curves(study, "train"), "mrpc",
+                       zoom_from=None)
+    assert len(fig2.axes) == 2
+
+
 def test_forest_plot_has_a_zero_line_and_an_interval_per_method(study):
     runs = A.load_logs(study)
     cmp = S.compare(runs)
