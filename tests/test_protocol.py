@@ -5,6 +5,7 @@ method and seed, a killed run resumes to the same history and predictions, early
 the gradient-aligned init and the adapter-input RMS."""
 import copy
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,10 @@ def test_predictions_recompute_the_logged_test_metric(glue_dir, tmp_path, tiny_b
         cfg = cfg_for(glue_dir, tmp_path, tiny_bert_dir(0.0), task=task, epochs=1)
         h = run_experiment(cfg)
         assert h["predictions"] == f"{cfg.run_id}.preds.npz"
-        z = np.load(Path(cfg.logs_dir) / task / h["predictions"])
+        path = Path(cfg.logs_dir) / task / h["predictions"]
+        with zipfile.ZipFile(path) as zf:  # deflated: the committed logs count against 64 MiB
+            assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_DEFLATED}
+        z = np.load(path)
         assert z["index"].tolist() == list(range(16))
         assert z["pred"].shape == ((16, 2) if task == "mrpc" else (16,))
         dev = load_examples(task, "dev", glue_dir, 16)
