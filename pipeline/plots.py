@@ -169,6 +169,11 @@ def plot_task(runs: pd.DataFrame, eval_curves: pd.DataFrame, train_curves: pd.Da
         ax_zoom = axes[2]
         plot_curves(ev[ev["step"] >= zoom_from * ev["step"].max()], metric, by=(by,),
                     ax=ax_zoom, legend=False)
+        # y-range from the mean lines, bands clipped: one stalled seed's band must not
+        # stretch the zoom back out (the full panel shows the bands whole)
+        means = np.concatenate([ln.get_ydata() for ln in ax_zoom.lines])
+        pad = 0.08 * (means.max() - means.min())
+        ax_zoom.set_ylim(means.min() - pad, means.max() + pad)
         _min_span(ax_zoom)
         ylim = ax_zoom.get_ylim()
         _chance_line(ax_zoom, metric, r, split)

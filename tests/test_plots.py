@@ -65,6 +65,15 @@ def test_plot_task_zooms_on_the_second_half(study):
     lo, hi = zoom.get_ylim()
     assert lo > full.get_ylim()[0] and hi - lo >= 0.1  # zoomed in, but not onto a cliff
     assert lo > 0.5  # the majority floor (0.5) does not stretch the zoom back out
+    write_run(study, "gradient", 1, [0.6, 0.2, 0.1], n_wrong=9)  # a stalled seed: wide band
+    runs = A.load_logs(study).assign(constant_val_accuracy=0.5)
+    fig1 = P.plot_task(runs, A.load_curves(study), A.load_curves(study, "train"), "mrpc")
+    zoom = fig1.axes[2]
+    means = np.concatenate([ln.get_ydata() for ln in zoom.lines
+                            if "majority" not in ln.get_label()])
+    lo, hi = zoom.get_ylim()
+    assert lo <= means.min() and hi >= means.max()  # every mean in view ...
+    assert lo > 0.25  # ... but not the stalled seed's band (its mean - std ~ 0.1)
     fig2 = P.plot_task(runs, A.load_curves(study), A.load_curves(study, "train"), "mrpc",
                        zoom_from=None)
     assert len(fig2.axes) == 2
