@@ -171,9 +171,11 @@ def plot_task(runs: pd.DataFrame, eval_curves: pd.DataFrame, train_curves: pd.Da
                     ax=ax_zoom, legend=False)
         # y-range from the mean lines, bands clipped: one stalled seed's band must not
         # stretch the zoom back out (the full panel shows the bands whole)
-        means = np.concatenate([ln.get_ydata() for ln in ax_zoom.lines])
-        pad = 0.08 * (means.max() - means.min())
-        ax_zoom.set_ylim(means.min() - pad, means.max() + pad)
+        means = np.concatenate([ln.get_ydata() for ln in ax_zoom.lines]).astype(float)
+        means = means[np.isfinite(means)]  # a diverged run's NaN evaluations are not a range
+        if len(means):
+            pad = 0.08 * (means.max() - means.min())
+            ax_zoom.set_ylim(means.min() - pad, means.max() + pad)
         _min_span(ax_zoom)
         ylim = ax_zoom.get_ylim()
         _chance_line(ax_zoom, metric, r, split)

@@ -79,6 +79,14 @@ def test_plot_task_zooms_on_the_second_half(study):
     assert len(fig2.axes) == 2
 
 
+def test_plot_task_zoom_ignores_a_diverged_runs_nan_evaluations(study):
+    write_run(study, "svd_minor", 0, [0.6, np.nan, np.nan], n_wrong=9)  # loss went NaN
+    runs = A.load_logs(study).assign(constant_val_accuracy=0.5)
+    fig = P.plot_task(runs, A.load_curves(study), A.load_curves(study, "train"), "mrpc")
+    lo, hi = fig.axes[2].get_ylim()
+    assert np.isfinite([lo, hi]).all() and lo > 0.5  # the finite means set the range
+
+
 def test_forest_plot_has_a_zero_line_and_an_interval_per_method(study):
     runs = A.load_logs(study)
     cmp = S.compare(runs)
