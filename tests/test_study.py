@@ -15,9 +15,11 @@ def test_spec_is_the_protocol():
     spec = S.STUDY
     assert set(spec.methods) == set(METHODS)
     assert spec.tasks[:2] == ("mrpc", "cola") and set(spec.tasks) == set(S.EPOCHS)
-    selection = {s for p in spec.selection_seeds.values() for s in p}
+    selection = {s for p in ("cpu", "gpu") for t in spec.tasks for s in spec.sel_seeds(p, t)}
     assert not selection & {s for p in S.STUDY_SEEDS.values() for s in p}
-    assert len(spec.sel_seeds("cpu")) == 1 and len(spec.sel_seeds("gpu")) == 2
+    assert all(spec.sel_seeds("gpu", t) == (100, 101) for t in spec.tasks)
+    # the CPU study adds the second selection seed task by task: one or both, never others
+    assert {spec.sel_seeds("cpu", t) for t in spec.tasks} <= {(100,), (100, 101)}
     assert len(spec.study_seeds["cpu"]) == 5 and len(spec.study_seeds["gpu"]) == 10
     for m, grid in spec.lr_grids.items():  # sorted, >= 3 points, log-spaced within 3x steps
         assert list(grid) == sorted(grid) and len(grid) >= 3, m
@@ -209,6 +211,33 @@ def test_select_checks_its_rule_against_smoother_ones(tmp_path):
         fake_log(c)
     assert "Would another rule" not in S.selection_markdown(S.select_lrs(lr_dir, spec,
                                                                          figures_dir=None))
+
+
+def test_a_second_selection_seed_reopens_a_task_until_it_finishes(tmp_path):
+    """Selection seeds per task: adding seed 101 to a selected task puts it back to pending
+    (no stale choice for the main grid), and once 101 finishes the mean over both seeds
+    decides, which here moves orthogonal's lr."""
+    one = replace(SPEC, selection_seeds={"cpu": {"mrpc": (100,)}})
+    two = replace(SPEC, selection_seeds={"cpu": {"mrpc": (100, 101)}})
+    lr_dir = str(tmp_path / "lr")
+    for c in S.lr_selection_configs(one, "mrpc", lr_dir):
+        fake_log(c)
+    assert S.select_lrs(lr_dir, one, figures_dir=None)["choices"]["mrpc"]["orthogonal"]["lr"] \
+        == 3e-3
+    sel = S.select_lrs(lr_dir, two, figures_dir=None)
+    assert not sel["choices"]
+    assert sel["pending"]["mrpc"].startswith("9/18 lr runs finished")
+    todo = [c for c in S.lr_selection_configs(two, "mrpc", lr_dir) if not S._stored(c)]
+    assert {c.seed for c in todo} == {101} and len(todo) == 9
+    for c in todo:  # seed 101 favours orthogonal's 1e-2: mean 0.85 against 3e-3's 0.80
+        fake_log(c, value=0.95 if (method_of(asdict(c)), c.lr) == ("orthogonal", 1e-2)
+                 else None)
+    sel = S.select_lrs(lr_dir, two, figures_dir=None)
+    assert not sel["pending"] and sel["choices"]["mrpc"]["orthogonal"]["lr"] == 1e-2
+    assert sel["choices"]["mrpc"]["orthogonal"]["val"] == pytest.approx(0.85)
+    assert "Selection seeds: mrpc 100, 101." in S.selection_markdown(sel)
+    with pytest.raises(ValueError, match="no selection seeds for task 'cola'.*SELECTION_SEEDS"):
+        two.sel_seeds("cpu", "cola")
 
 
 def test_work_extends_a_bracket_and_selects_inside_it(tmp_path, fake_runs, monkeypatch):
