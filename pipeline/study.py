@@ -63,7 +63,7 @@ LR_GRIDS = {**{m: _LORAFA_LRS for m in LORAFA},
 # at ~60% of the full grid's cost). Selection seeds per profile (a tuple, or {task: tuple}),
 # distinct from every study seed: two, as the protocol asks. The 2-core CPU study first ran
 # one (100) everywhere; the second (101) is added task by task, cheapest first whatever the
-# results (SST-2, CoLA, STS-B, MRPC, RTE: about 0.7, 1.4, 2, 3.5 and 4.5 hours of two workers
+# results (SST-2, CoLA, STS-B, MRPC, RTE: about 1.5, 3, 4, 7 and 9 hours of two workers
 # for the brackets so far); a task re-selects its lrs once every seed-101 run of its brackets
 # has finished (a bracket may grow), and its main grid follows the new choice.
 LR_START = 3
