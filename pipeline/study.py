@@ -513,6 +513,23 @@ def read_selection(figures_dir: str = FIGURES) -> dict:
     return json.loads(path.read_text())["choices"]
 
 
+def keep_selection_seeds(runs, figures_dir: str = FIGURES):
+    """``runs`` (lr runs, a ``load_logs`` frame) less the seeds their task's lr selection did
+    not count (``selection_seeds`` of ``<figures_dir>/lr_selection.json``): a second
+    selection seed still running on a task stays out of its lr figures until ``select``
+    counts it. Unchanged without that file; tasks it does not name are kept."""
+    path = Path(figures_dir) / "lr_selection.json"
+    if not len(runs) or not path.is_file():
+        return runs
+    seeds = json.loads(path.read_text()).get("selection_seeds")
+    if seeds is None:
+        return runs
+    if not isinstance(seeds, dict):  # one set for every task
+        return runs[runs["seed"].isin(seeds)]
+    keep = [t not in seeds or s in seeds[t] for t, s in zip(runs["task"], runs["seed"])]
+    return runs[keep]
+
+
 # ---------------------------------------------------------------- running it
 class _Worker:
     """Picks this worker's next run in priority order: task by task, and within a task method

@@ -474,3 +474,21 @@ def test_every_rule_sends_a_tie_to_the_smaller_lr(tmp_path):
     ch = S.select_lrs(lr_dir, spec, figures_dir=None)["choices"]["mrpc"]["orthogonal"]
     assert ch["lr"] == 3e-3 and ch["val"] == 0.6
     assert ch["other_rules"] == {"final": 3e-3, "late": 3e-3}  # 3e-3 and 1e-2 tie in each
+
+
+def test_lr_figures_keep_only_the_seeds_the_selection_counted(tmp_path):
+    """A second selection seed still running on one task stays out of that task's lr
+    figures; a task at two seeds keeps both; no selection file: nothing dropped."""
+    import pandas as pd
+
+    runs = pd.DataFrame({"task": ["cola", "cola", "sst2", "sst2", "rte"],
+                         "seed": [100, 101, 100, 101, 101]})
+    assert S.keep_selection_seeds(runs, str(tmp_path)) is runs
+    S.write_selection({"selection_seeds": {"cola": [100], "sst2": [100, 101]}, "rows": [],
+                       "pending": {}, "choices": {}}, str(tmp_path))
+    kept = S.keep_selection_seeds(runs, str(tmp_path))
+    assert list(zip(kept["task"], kept["seed"])) == [("cola", 100), ("sst2", 100),
+                                                     ("sst2", 101), ("rte", 101)]
+    S.write_selection({"selection_seeds": [100], "rows": [], "pending": {}, "choices": {}},
+                      str(tmp_path))
+    assert set(S.keep_selection_seeds(runs, str(tmp_path))["seed"]) == {100}
