@@ -417,7 +417,7 @@ def _study(work, env, workers, max_workers, smoke, tasks, launch_stop, hard_stop
     if rc:
         out["selection_error"] = f"exit {rc}: " + (work / "select.log").read_text()[-300:]
     else:
-        choices = json.loads((work / "figures" / "lr_selection.json").read_text())["choices"]
+        choices = S.read_selection(work / "figures")
         out["selected_lrs"] = {t: {m: c["lr"] for m, c in ch.items()} for t, ch in choices.items()}
     counts = _count(logs_root)
     n_complete = _complete(counts)

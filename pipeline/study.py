@@ -505,12 +505,18 @@ def write_selection(sel: dict, figures_dir: str = FIGURES) -> tuple[Path, Path]:
     return js, md
 
 
-def read_selection(figures_dir: str = FIGURES) -> dict:
+def _selection_file(figures_dir: str = FIGURES) -> dict:
+    """The whole ``<figures_dir>/lr_selection.json`` that ``select`` writes."""
     path = Path(figures_dir) / "lr_selection.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `python -m pipeline.study select` "
                                 "(after the lr runs) first")
-    return json.loads(path.read_text())["choices"]
+    return json.loads(path.read_text())
+
+
+def read_selection(figures_dir: str = FIGURES) -> dict:
+    """{task: {method: choice}} of ``<figures_dir>/lr_selection.json``."""
+    return _selection_file(figures_dir)["choices"]
 
 
 def keep_selection_seeds(runs, figures_dir: str = FIGURES):
@@ -518,10 +524,12 @@ def keep_selection_seeds(runs, figures_dir: str = FIGURES):
     not count (``selection_seeds`` of ``<figures_dir>/lr_selection.json``): a second
     selection seed still running on a task stays out of its lr figures until ``select``
     counts it. Unchanged without that file; tasks it does not name are kept."""
-    path = Path(figures_dir) / "lr_selection.json"
-    if not len(runs) or not path.is_file():
+    if not len(runs):
         return runs
-    seeds = json.loads(path.read_text()).get("selection_seeds")
+    try:
+        seeds = _selection_file(figures_dir).get("selection_seeds")
+    except FileNotFoundError:
+        return runs
     if seeds is None:
         return runs
     if not isinstance(seeds, dict):  # one set for every task
