@@ -31,10 +31,12 @@ def test_configs_carry_the_spec(tmp_path):
     lr_dir = str(tmp_path / "lr")  # not logs/study_lr: its committed runs grow brackets
     assert S.LOGS["lr"] == "logs/study_lr"
     cfgs = S.lr_selection_configs(S.STUDY, "mrpc", lr_dir)
-    # no logs yet: the middle three lrs of every grid, one selection seed on the CPU
-    assert len(cfgs) == sum(min(3, len(g)) for g in S.LR_GRIDS.values())
+    # no logs yet: the middle three lrs of every grid, at each of the task's selection seeds
+    seeds = S.STUDY.sel_seeds("cpu", "mrpc")
+    assert seeds[0] == 100 and not set(seeds) & set(S.STUDY_SEEDS["cpu"])
+    assert len(cfgs) == len(seeds) * sum(min(3, len(g)) for g in S.LR_GRIDS.values())
     assert {c.lr for c in cfgs if method_of(asdict(c)) == "orthogonal"} == {2e-3, 5e-3, 1e-2}
-    assert all(c.length_grouped and c.seed == 100 for c in cfgs)
+    assert all(c.length_grouped for c in cfgs) and {c.seed for c in cfgs} == set(seeds)
     assert len({c.run_id for c in cfgs}) == len(cfgs)
     assert {method_of(asdict(c)) for c in cfgs} == set(METHODS)
     assert all(c.val_fraction == 0.1 and c.epochs == 5 and c.eval_every_steps == 25 and
