@@ -69,8 +69,7 @@ LR_GRIDS = {**{m: _LORAFA_LRS for m in LORAFA},
 LR_START = 3
 # a best lr at the grid's edge extends the grid (the protocol): up to 2 more 1-2-5 lrs past it
 LR_BEYOND = 2
-# RTE selects on seed 100 alone until every one of its bracket runs also has seed 101
-SELECTION_SEEDS = {"cpu": {**{t: (100, 101) for t in TASKS}, "rte": (100,)},
+SELECTION_SEEDS = {"cpu": {t: (100, 101) for t in TASKS},
                    "gpu": (100, 101)}
 # study seeds per profile: 5 (CPU) / 10 (GPU) for LoRA-FA; references 3 on CPU
 STUDY_SEEDS = {"cpu": tuple(range(5)), "gpu": tuple(range(10))}
