@@ -60,17 +60,17 @@ LR_GRIDS = {**{m: _LORAFA_LRS for m in LORAFA},
             "lora": (3e-4, 1e-3, 3e-3), "full": (2e-5, 5e-5, 1e-4, 2e-4)}
 # lr selection: the middle LR_START lrs of each grid first; while the best is at an end of
 # what ran and the grid goes further, the next lr that way (a bracket around the optimum,
-# at ~60% of the full grid's cost). Selection seeds per profile (a tuple, or {task: tuple}),
-# distinct from every study seed: two, as the protocol asks. The 2-core CPU study first ran
-# one (100) everywhere; the second (101) is added task by task, cheapest first whatever the
-# results (SST-2, CoLA, STS-B, MRPC, RTE: about 1.5, 3, 4, 7 and 9 hours of two workers
-# for the brackets so far); a task re-selects its lrs once every seed-101 run of its brackets
-# has finished (a bracket may grow), and its main grid follows the new choice.
+# at ~60% of the full grid's cost). Selection seeds per profile (a tuple, or {task: tuple}
+# while a seed is being added task by task), distinct from every study seed: two, as the
+# protocol asks. The 2-core CPU study first ran one (100) everywhere and added the second
+# (101) task by task, cheapest first whatever the results (SST-2, CoLA, STS-B, MRPC, RTE:
+# about 1.5, 3, 4, 7 and 9 hours of two workers); a task re-selected its lrs once every
+# seed-101 run of its brackets had finished (a bracket may grow), and its main grid followed
+# the new choice.
 LR_START = 3
 # a best lr at the grid's edge extends the grid (the protocol): up to 2 more 1-2-5 lrs past it
 LR_BEYOND = 2
-SELECTION_SEEDS = {"cpu": {t: (100, 101) for t in TASKS},
-                   "gpu": (100, 101)}
+SELECTION_SEEDS = {"cpu": (100, 101), "gpu": (100, 101)}
 # study seeds per profile: 5 (CPU) / 10 (GPU) for LoRA-FA; references 3 on CPU
 STUDY_SEEDS = {"cpu": tuple(range(5)), "gpu": tuple(range(10))}
 REFERENCE_SEEDS = {"cpu": tuple(range(3)), "gpu": tuple(range(10))}
